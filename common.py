@@ -1,0 +1,338 @@
+"""Plumbing shared by sft.py, redi.py and eval.py: processes, models, log-probs, optimiser, checkpoints.
+
+Nothing here knows about a particular loss; the training scripts read top to bottom and call in.
+"""
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# processes
+
+
+def init_dist():
+    """One code path for every launch: torchrun sets RANK/WORLD_SIZE; plain `python` gets a 1-rank group.
+    Returns (rank, world_size, device). GPUs use NCCL, CPUs use gloo."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    else:
+        local_rank = 0
+        if cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of python numbers over ranks (called on every rank). Returns a list of floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def peak_memory_gb(device):
+    """GPU: allocator peak since start. CPU: the process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def die(message):
+    """Stop on an error the user can fix: one clear sentence, no traceback, non-zero exit."""
+    print0(f"error: {message}")
+    cleanup()
+    raise SystemExit(2)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"--tokenizer/--model {path!r} is not a tokenizer folder or Hub id ({e.__class__.__name__}: {e})")
+    if tok.pad_token_id is None:  # only ever used to fill padded positions, which are masked out
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, max_position_embeddings=None, rope_theta=None, attn_implementation="sdpa",
+               trust_remote_code=False, dtype=torch.float32):
+    """A Hugging Face causal LM with its decoder layers at `model.model.layers`, in fp32 (master
+    weights; FSDP casts to bf16 for compute on GPUs). The two overrides are how the authors widened
+    Qwen2.5-Math's 4k window to 32k (SPEC 2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"--model {path!r} is not a model folder or Hub id with a config.json ({e.__class__.__name__}: {e})")
+    if max_position_embeddings:
+        config.max_position_embeddings = max_position_embeddings
+    if rope_theta:
+        if getattr(config, "rope_parameters", None) is not None:  # transformers >= 5
+            config.rope_parameters["rope_theta"] = rope_theta
+        else:
+            config.rope_theta = rope_theta
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        die(f"--model {path!r}: could not load the weights ({e.__class__.__name__}: {e})")
+    if not hasattr(getattr(model, "model", None), "layers"):
+        die(f"--model {path!r} is a {type(model).__name__}, whose decoder layers are not at model.model.layers")
+    return model
+
+
+def _chunk_logps(hidden, weight, bias, targets):
+    logits = F.linear(hidden, weight, bias).float()  # (N, V): one chunk only
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+class TokenLogprobs(nn.Module):
+    """Wraps a causal LM so that forward returns log pi(x_t | x_<t) at the masked positions only.
+
+    Memory by design: the decoder runs once; the LM head then runs on response positions only, in
+    chunks of `chunk_size` tokens, each under activation checkpointing, so neither forward nor
+    backward ever holds more than one (chunk, vocab) slice of logits. (32k tokens x 151,936 vocab
+    in fp32 would be ~20 GB.) Being an nn.Module is what lets FSDP2 gather the head's weights: FSDP
+    gathers a module's parameters only when that module is called, and this wrapper is the root.
+    """
+
+    def __init__(self, lm, chunk_size=1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, loss_mask):
+        """input_ids, attention_mask, loss_mask: (B, T); loss_mask is 1 on response tokens.
+        Returns (B, T) float32: at position t the log-prob of token t if loss_mask[:, t], else 0."""
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: lets SDPA use its fastest causal kernel
+        assert not loss_mask[:, 0].any(), "token 0 has no prediction: every sequence starts with a prompt"
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state  # (B, T, H)
+        mask = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 a response token?
+        h = hidden[:, :-1][mask]  # (N, H): the hidden state at t predicts token t+1
+        targets = input_ids[:, 1:][mask]  # (N,)
+        head = self.lm.get_output_embeddings()
+        chunks = []
+        for i in range(0, h.shape[0], self.chunk_size):
+            args = (h[i:i + self.chunk_size], head.weight, head.bias, targets[i:i + self.chunk_size])
+            if torch.is_grad_enabled():
+                chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+            else:
+                chunks.append(_chunk_logps(*args))
+        logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
+        if chunks:
+            logps = logps.masked_scatter(mask, torch.cat(chunks))
+        return F.pad(logps, (1, 0))  # (B, T), aligned with input_ids
+
+
+def shard_model(lm, device, chunk_size=1024, grad_checkpointing=False):
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). GPUs compute in
+    bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32."""
+    if grad_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = TokenLogprobs(lm, chunk_size)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in lm.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # Losses are normalised by global counts (tokens or pairs) in the training scripts, so the
+    # gradient must be the plain sum over ranks, not FSDP's default average.
+    for unit in [*lm.model.layers, model]:  # the setting is per FSDP unit
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW per SPEC 2. Biases and norm gains (1-d tensors) get no weight decay, as in the HF Trainer
+    the authors trained with."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
+    """Linear warmup over the first `warmup_frac` of the steps, then linear decay to 0 (SPEC 2).
+    `step` counts optimiser steps from 0; the first step already uses a non-zero rate."""
+    warmup = math.ceil(warmup_frac * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    return peak_lr * (total_steps - step) / (total_steps - warmup)
+
+
+def clip_and_step(model, optimizer, lr, max_grad_norm):
+    """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the norm
+    before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+# -----------------------------------------------------------------------------
+# run outputs: config, metrics, checkpoints
+
+
+def save_config(args, out_dir):
+    """The resolved configuration, beside the metrics and copied into every checkpoint."""
+    if dist.get_rank() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+
+class Metrics:
+    """OUT/metrics.jsonl, one JSON object per optimiser step, written by rank 0 and flushed at once.
+    On resume, lines past the checkpoint's step (logged before a crash) are dropped first."""
+
+    def __init__(self, out_dir, resume_step=0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if dist.get_rank() != 0:
+            return
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+        self.path.write_text("".join(l + "\n" for l in kept))
+
+    def log(self, record):
+        if dist.get_rank() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class StepTimer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def lap(self):
+        t, self.t0 = self.t0, time.perf_counter()
+        return self.t0 - t
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(model, optimizer, tokenizer, args, out_dir, step):
+    """OUT/ckpt/step_NNNNNN: a Hugging Face model folder (config, model.safetensors with the fp32
+    master weights, tokenizer) that AutoModelForCausalLM.from_pretrained loads, plus train_state.pt
+    (optimiser, step, every rank's RNG) for --resume. Called on every rank (the gathers are
+    collectives). Written under a .tmp name and renamed when complete, so a crash mid-write never
+    leaves a folder that latest_checkpoint() would pick."""
+    from safetensors.torch import save_file
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it all, on CPU
+    weights = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_state())
+    final = Path(out_dir) / "ckpt" / f"step_{step:06d}"
+    if dist.get_rank() == 0:
+        lm = model.lm
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {k.removeprefix("lm."): v.contiguous() for k, v in weights.items()}
+        if lm.config.tie_word_embeddings:  # the head is the embedding matrix; safetensors stores it once
+            weights.pop("lm_head.weight", None)
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        lm.config.dtype = next(iter(weights.values())).dtype
+        lm.config.save_pretrained(tmp)
+        if lm.generation_config is not None:
+            lm.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        torch.save({"step": step, "optimizer": optim_state, "rng": rngs}, tmp / "train_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint folder under OUT/ckpt, or None. .tmp folders are incomplete."""
+    found = sorted(p for p in (Path(out_dir) / "ckpt").glob("step_*")
+                   if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists())
+    return found[-1] if found else None
+
+
+def load_train_state(model, optimizer, ckpt):
+    """Restores the optimiser (rank 0 reads, then broadcasts shards) and this rank's RNG; returns the
+    step the checkpoint was taken at. The weights come from the same folder via load_model()."""
+    state = torch.load(ckpt / "train_state.pt", weights_only=False) if dist.get_rank() == 0 else {}
+    header = [{"step": state.get("step"), "rng": state.get("rng")}]
+    dist.broadcast_object_list(header, src=0)
+    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    rngs = header[0]["rng"]
+    if len(rngs) == dist.get_world_size():
+        _set_rng_state(rngs[dist.get_rank()])
+    else:
+        print0(f"note: checkpoint was written by {len(rngs)} ranks, this run has {dist.get_world_size()}; "
+               "RNG states not restored (training itself draws no random numbers)")
+    return header[0]["step"]
+
+
+def check_finite(loss, step, out_dir):
+    if not math.isfinite(loss):
+        ckpt = latest_checkpoint(out_dir)
+        die(f"the loss is {loss} at step {step}; stopping before the optimiser step so no checkpoint is "
+            f"corrupted (latest good checkpoint: {ckpt or 'none'}). Lower the learning rate or check the data.")

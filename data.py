@@ -1,0 +1,453 @@
+"""Data for both stages: raw teacher traces -> D_SFT and D_Pref (SPEC 1), and the tokenisation and
+length-sorted batching that sft.py and redi.py share.
+
+    python data.py prepare --input open-r1/OpenR1-Math-Raw --tokenizer Qwen/Qwen2.5-Math-1.5B --out data/
+    python data.py prepare --input raw.jsonl --tokenizer path/to/model --out data/   # local jsonl/parquet
+    python data.py demo --out demo/   # an offline toy corpus, held-out test set and tiny student
+
+prepare writes DIR/sft.jsonl (problem, response), DIR/pref.jsonl (problem, chosen, rejected),
+DIR/stats.json, and prints what it kept and dropped, by reason.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import die
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # SPEC 1
+LABELS = {  # SPEC 1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
+    "reparsed": "math_verify_reparsed_answer",  # authors' code (reproduces 77,629 / 53,175)
+    "answer": "math_verify_answer",
+}
+# A ChatML template in the shape of Qwen2.5-Math's own: a default system turn, <|im_end|>\n after
+# every turn. Used for the demo student (real runs use the base model's template).
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + SYSTEM_PROMPT.replace("\\", "\\\\") + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# -----------------------------------------------------------------------------
+# tokenisation, shared by prepare, sft.py, redi.py and eval.py
+
+
+def render_chat(tokenizer, problem, response=None, system_prompt=SYSTEM_PROMPT):
+    """The chat-templated text: the prompt up to and including the assistant header when response is
+    None, else the whole conversation including the assistant turn's closing tokens."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem}]
+    if response is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                         tokenize=False)
+
+
+def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT):
+    """Tokenise (problem, response) conversations in one batched call. For each, returns
+    (input_ids, n_prompt): the response is input_ids[n_prompt:], i.e. every token after the generation
+    prompt, the closing <|im_end|> and what follows it included (SPEC 1's |y|). Returns None for a
+    conversation whose prompt tokens are not a prefix of its full tokens (a merge across the
+    boundary): training on it would teach a split the model never sees when it generates."""
+    if not problems:
+        return []
+    prompts = [render_chat(tokenizer, p, None, system_prompt) for p in problems]
+    fulls = [render_chat(tokenizer, p, r, system_prompt) for p, r in zip(problems, responses)]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    out = []
+    for prompt, full, p_ids, f_ids in zip(prompts, fulls, prompt_ids, full_ids):
+        ok = full.startswith(prompt) and f_ids[:len(p_ids)] == p_ids
+        out.append((f_ids, len(p_ids)) if ok else None)
+    return out
+
+
+def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT):
+    """Stop before any work if the template cannot give a clean prompt/response split: no template,
+    a prompt rendered differently once an answer follows, an answer rewritten (templates that strip
+    the thinking from assistant turns do this), or prompt tokens that are not a prefix."""
+    if not getattr(tokenizer, "chat_template", None):
+        die(f"tokenizer {tokenizer.name_or_path!r} has no chat template; use the base model's tokenizer "
+            "(Qwen2.5-Math ships one)")
+    problem, response = "What is $1+1$?", "<think>\nOne plus one is two.\n</think>\n\nSo $\\boxed{2}$."
+    prompt = render_chat(tokenizer, problem, None, system_prompt)
+    full = render_chat(tokenizer, problem, response, system_prompt)
+    if system_prompt not in prompt or problem not in prompt:
+        die("the chat template drops the system prompt or the problem from the prompt")
+    if not full.startswith(prompt):
+        die("the chat template renders the prompt differently when an assistant turn follows, so the "
+            f"response cannot be separated from it:\n  prompt: {prompt!r}\n  full:   {full!r}")
+    if not full[len(prompt):].startswith(response):
+        die("the chat template rewrites the assistant turn (does it strip <think>...</think>?): "
+            f"{full[len(prompt):]!r}")
+    if encode_chats(tokenizer, [problem], [response], system_prompt)[0] is None:
+        die("with this chat template the prompt's tokens are not a prefix of the conversation's tokens")
+
+
+# -----------------------------------------------------------------------------
+# reading prepared data and batching it (sft.py, redi.py)
+
+
+def read_jsonl(path, fields):
+    """Rows of a prepared jsonl file, each checked to have the string fields named."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"--data {str(path)!r} does not exist (expected a jsonl file written by `data.py prepare`)")
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{path}:{n} is not valid JSON ({e})")
+            bad = [k for k in fields if not isinstance(row.get(k), str)]
+            if bad:
+                die(f"{path}:{n} lacks the string field(s) {bad}; expected {list(fields)}")
+            rows.append(row)
+    if not rows:
+        die(f"--data {str(path)!r} holds no examples")
+    return rows
+
+
+def batch_for_step(step, n_examples, batch_size, seed):
+    """Example indices of the global batch for optimiser step `step` (0-based). Each epoch visits a
+    fresh permutation; the last partial batch of an epoch is dropped (SPEC 3: 53,175 // 32 = 1,661
+    steps). A pure function of its arguments, so resuming at a step needs no saved data position."""
+    per_epoch = n_examples // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng(seed + epoch).permutation(n_examples)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def micro_batches(indices, lengths, micro_batch_size, rank, world_size):
+    """This rank's micro-batches of one global batch. Sorting by length before cutting keeps padding
+    low; dealing the cuts out round-robin gives every rank a similar mix of lengths."""
+    order = sorted(indices, key=lambda i: lengths[i])
+    cuts = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return cuts[rank::world_size]
+
+
+def collate(sequences, pad_id):
+    """sequences: list of (input_ids, n_prompt). Right-pads to the longest. Returns input_ids,
+    attention_mask and loss_mask, each (B, T) long; loss_mask is 1 on response tokens."""
+    T = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for b, (ids, n_prompt) in enumerate(sequences):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        loss_mask[b, n_prompt:len(ids)] = 1
+    return input_ids, attention_mask, loss_mask
+
+
+# -----------------------------------------------------------------------------
+# prepare: OpenR1-Math-Raw -> D_SFT, D_Pref (SPEC 1)
+
+REQUIRED = ("problem", "source", "generations", "correctness")  # problem_is_valid too, when filtering
+
+
+class JsonlRows:
+    """Random access to the lines of a jsonl file without holding it in memory (the raw corpus is
+    tens of GB): byte offsets are indexed once, rows parsed on demand."""
+
+    def __init__(self, path):
+        self.path, self.offsets = path, []
+        with open(path, "rb") as f:
+            pos = 0
+            for line in f:
+                if line.strip():
+                    self.offsets.append(pos)
+                pos += len(line)
+        self.file = open(path, "rb")
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        self.file.seek(self.offsets[i])
+        try:
+            return json.loads(self.file.readline())
+        except json.JSONDecodeError:
+            return None
+
+    def columns(self, sample=1000):
+        keys = set()
+        for i in range(min(sample, len(self))):
+            row = self[i]
+            keys |= set(row) if isinstance(row, dict) else set()
+        return keys
+
+
+def open_corpus(src, split):
+    """A local .jsonl/.json file, a .parquet file or folder, or a Hub dataset id. Returns an object
+    with len(), [i] -> dict and the set of column names."""
+    path = Path(src)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        rows = JsonlRows(path)
+        return rows, rows.columns()
+    import datasets
+    try:
+        if path.is_file() and path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(src, split=split)
+    except Exception as e:  # the datasets library raises many kinds for "not found"
+        die(f"--input {src!r} is neither a local .jsonl/.parquet file nor a loadable dataset "
+            f"({e.__class__.__name__}: {e})")
+    return ds, set(ds.column_names)
+
+
+def check_row(row, label, validity_filter):
+    """The reason to skip a raw row, or None. Bad input first, then SPEC 1's rules in order."""
+    if not isinstance(row, dict):
+        return "bad_json"
+    for field in REQUIRED + (("problem_is_valid",) if validity_filter else ()):
+        if row.get(field) is None:
+            return "missing_field"
+    if not (isinstance(row["problem"], str) and isinstance(row["source"], str)
+            and isinstance(row["generations"], list) and isinstance(row["correctness"], dict)
+            and all(isinstance(g, str) for g in row["generations"])):
+        return "mistyped_field"
+    if validity_filter and not isinstance(row["problem_is_valid"], str):
+        return "mistyped_field"
+    for column in ("llama_verification", label):
+        labels = row["correctness"].get(column)
+        if labels is None:
+            return "missing_field"
+        if not isinstance(labels, list) or not all(v is None or isinstance(v, bool) for v in labels):
+            return "mistyped_field"
+        if len(labels) != len(row["generations"]):
+            return "label_length_mismatch"
+    if not row["problem"].strip():
+        return "empty_problem"
+    if any(not g.strip() for g in row["generations"]):
+        return "empty_generation"
+    if row["source"] == "cn_k12":
+        return "cn_k12"
+    if validity_filter and row["problem_is_valid"].strip().lower() != "yes":
+        return "invalid_problem"
+    return None
+
+
+def first_correct_and_incorrect(row, label):
+    """Indices of the first correct and first incorrect generation (None when there is none).
+    Correct = Llama judge AND Math-Verify both True; a null label counts as False (SPEC 1)."""
+    judge, verify = row["correctness"]["llama_verification"], row["correctness"][label]
+    correct = [j is True and v is True for j, v in zip(judge, verify)]
+    return (correct.index(True) if True in correct else None,
+            correct.index(False) if False in correct else None)
+
+
+def prepare(args):
+    from common import load_tokenizer
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = LABELS[args.label]
+    validity_filter = not args.no_validity_filter
+    corpus, columns = open_corpus(args.input, args.split)
+    required = REQUIRED + (("problem_is_valid",) if validity_filter else ())
+    missing = [c for c in required if c not in columns]
+    if missing:
+        die(f"--input {args.input!r} is not in the OpenR1-Math-Raw schema: it has no {missing} column(s) "
+            f"(found {sorted(columns)})")
+    if len(corpus) == 0:
+        die(f"--input {args.input!r} has no rows")
+    if hasattr(corpus, "select_columns"):  # Arrow: skip decoding the columns no rule reads
+        corpus = corpus.select_columns([c for c in required + ("answer",) if c in columns])
+    tokenizer = load_tokenizer(args.tokenizer)
+    check_chat_template(tokenizer)
+
+    # Authors' code shuffles with seed 42 before selecting; this is the order datasets.shuffle(seed) gives.
+    order = np.random.default_rng(args.seed).permutation(len(corpus)) if args.seed >= 0 else range(len(corpus))
+    dropped = {}  # reason -> rows (for D_SFT) ; pref_dropped: reason -> triplets (for D_Pref)
+    pref_dropped = {"no_incorrect": 0, "prompt_too_long": 0, "response_too_long": 0, "prompt_not_prefix": 0}
+    n_sft = n_pref = 0
+    pending = []  # candidate triplets, tokenised in blocks
+    sft_tmp, pref_tmp = out / "sft.jsonl.tmp", out / "pref.jsonl.tmp"
+    t0 = time.time()
+
+    def flush_pairs(f):
+        nonlocal n_pref
+        problems = [r["problem"] for r in pending]
+        chosen = encode_chats(tokenizer, problems, [r["chosen"] for r in pending])
+        rejected = encode_chats(tokenizer, problems, [r["rejected"] for r in pending])
+        for r, c, j in zip(pending, chosen, rejected):
+            if c is None or j is None:
+                pref_dropped["prompt_not_prefix"] += 1
+            elif c[1] > args.max_prompt_tokens:
+                pref_dropped["prompt_too_long"] += 1
+            elif max(len(c[0]) - c[1], len(j[0]) - j[1]) > args.max_response_tokens:
+                pref_dropped["response_too_long"] += 1
+            else:
+                f.write(json.dumps(r) + "\n")
+                n_pref += 1
+        pending.clear()
+
+    with sft_tmp.open("w") as f_sft, pref_tmp.open("w") as f_pref:
+        for n, i in enumerate(order, 1):
+            row = corpus[int(i)]
+            reason = check_row(row, label, validity_filter)
+            if reason is None:
+                good, bad = first_correct_and_incorrect(row, label)
+                reason = "no_correct" if good is None else None
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+            else:
+                meta = {"id": int(i), "source": row["source"], "answer": str(row.get("answer") or "")}
+                f_sft.write(json.dumps({"problem": row["problem"], "response": row["generations"][good], **meta}) + "\n")
+                n_sft += 1
+                if bad is None:
+                    pref_dropped["no_incorrect"] += 1
+                else:
+                    pending.append({"problem": row["problem"], "chosen": row["generations"][good],
+                                    "rejected": row["generations"][bad], **meta})
+                    if len(pending) == 1024:
+                        flush_pairs(f_pref)
+            if n % 20000 == 0 or n == len(corpus):
+                print(f"[prepare] {n:,}/{len(corpus):,} rows, {n / (time.time() - t0):,.0f} rows/s, "
+                      f"kept {n_sft:,} SFT / {n_pref + len(pending):,} pair candidates", flush=True)
+        flush_pairs(f_pref)
+    sft_tmp.replace(out / "sft.jsonl")
+    pref_tmp.replace(out / "pref.jsonl")
+
+    stats = {"input": args.input, "rows_read": len(corpus), "rows_dropped": dropped, "sft_kept": n_sft,
+             "pref_dropped": pref_dropped, "pref_kept": n_pref, "settings": vars(args)}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"rows read            {len(corpus):>10,}")
+    for reason, count in sorted(dropped.items()):
+        print(f"  dropped {reason:<20} {count:>10,}")
+    print(f"D_SFT kept           {n_sft:>10,}  -> {out / 'sft.jsonl'}")
+    for reason, count in pref_dropped.items():
+        print(f"  not a pair: {reason:<17} {count:>10,}")
+    print(f"D_Pref kept          {n_pref:>10,}  -> {out / 'pref.jsonl'}")
+    if n_sft == 0:
+        die("no problem had a correct generation: nothing kept (see the reasons above)")
+    if n_pref == 0:
+        print("warning: no preference triplets kept")
+
+
+
+# -----------------------------------------------------------------------------
+# demo: an offline toy corpus in the OpenR1-Math-Raw schema, held-out problems and a tiny student
+
+
+def demo_tokenizer():
+    """One token per byte (a byte-level BPE with no merges) plus Qwen's three special tokens at the
+    end of the vocabulary, and a ChatML template like Qwen2.5-Math's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+                                   additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+
+
+def demo_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0):
+    """A randomly initialised Qwen2-architecture student with tied embeddings, like Qwen2.5-1.5B."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def teacher_trace(a, b, rng, p_forget_carry=0.15):
+    """The toy teacher: column addition written out step by step. Sometimes it forgets a carry, and
+    the mistake propagates to its final answer, as a reasoning slip does."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    lines, digits, carry = [f"<think>\nAdd {a} and {b} column by column, from the right."], [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        lines.append(f"{x} + {y} + {carry} = {total}, write {total % 10}, carry {total // 10}.")
+        digits.append(total % 10)
+        carry = total // 10 if rng.random() >= p_forget_carry else 0
+    if carry:
+        digits.append(carry)
+    answer = int("".join(map(str, digits[::-1])))
+    lines.append(f"So {a} + {b} = {answer}.\n</think>\n\nThe sum is $\\boxed{{{answer}}}$.")
+    return "\n".join(lines), answer
+
+
+def demo(args):
+    """Writes DIR/raw.jsonl (OpenR1-Math-Raw schema), DIR/test.jsonl (held-out problems) and DIR/model."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    seen, rows = set(), []
+    while len(rows) < args.problems + args.test_problems:
+        a, b = (int(rng.integers(10 ** (args.digits - 1), 10 ** args.digits)) for _ in range(2))
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        rows.append((a, b))
+    with (out / "raw.jsonl").open("w") as f:
+        for k, (a, b) in enumerate(rows[:args.problems]):
+            generations, labels = [], []
+            while len(generations) < args.max_tries and not any(labels):  # sample until right, as in the paper
+                trace, claimed = teacher_trace(a, b, rng)
+                generations.append(trace)
+                labels.append(claimed == a + b)
+            f.write(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b), "source": "demo",
+                                "problem_is_valid": "Yes", "generations": generations,
+                                "correctness": {"llama_verification": labels, "math_verify_answer": labels,
+                                                "math_verify_reparsed_answer": labels}}) + "\n")
+    with (out / "test.jsonl").open("w") as f:
+        for k, (a, b) in enumerate(rows[args.problems:]):
+            f.write(json.dumps({"id": k, "problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
+    tokenizer = demo_tokenizer()
+    demo_model(tokenizer, args.hidden_size, args.layers, seed=args.seed).save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    print(f"wrote {out / 'raw.jsonl'} ({args.problems} problems), {out / 'test.jsonl'} "
+          f"({args.test_problems}), {out / 'model'}")
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="raw teacher traces -> sft.jsonl, pref.jsonl, stats.json")
+    p.add_argument("--input", default="open-r1/OpenR1-Math-Raw", help="Hub dataset id, or a local .jsonl/.parquet")
+    p.add_argument("--split", default="train", help="split of a Hub dataset")
+    p.add_argument("--tokenizer", default="Qwen/Qwen2.5-Math-1.5B", help="base model's tokenizer (Hub id or folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--label", choices=sorted(LABELS), default="reparsed",
+                   help="Math-Verify column that must agree with the Llama judge: 'reparsed' = "
+                        "math_verify_reparsed_answer (authors' code, default), 'answer' = math_verify_answer")
+    p.add_argument("--no-validity-filter", action="store_true",
+                   help="keep rows whose problem_is_valid is not 'yes' (the paper mentions no such filter; "
+                        "the authors' code applies it)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed, as the authors' code (-1: keep file order)")
+    p.add_argument("--max-prompt-tokens", type=int, default=800, help="D_Pref: drop longer prompts (SPEC 1)")
+    p.add_argument("--max-response-tokens", type=int, default=19000,
+                   help="D_Pref: drop pairs with a longer chosen or rejected response (SPEC 1)")
+    p = sub.add_parser("demo", help="offline toy corpus, held-out test set and tiny student model")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--problems", type=int, default=2000, help="training problems in raw.jsonl")
+    p.add_argument("--test-problems", type=int, default=200, help="held-out problems in test.jsonl")
+    p.add_argument("--digits", type=int, default=4, help="digits per addend")
+    p.add_argument("--max-tries", type=int, default=4, help="teacher samples per problem, stopping at the first correct")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    {"prepare": prepare, "demo": demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

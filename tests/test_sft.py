@@ -1,0 +1,156 @@
+"""sft.py and the plumbing it shares: chunked log-probs against the naive full-logits computation, the
+schedule, 1-rank vs 2-rank losses, resume, checkpoints that reload, and failures that stop cleanly."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_jsonl, run_script, write_jsonl
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import data
+from common import TokenLogprobs, lr_at
+
+
+def sft_rows(n, seed=0):
+    """Conversations of very different lengths (10 to ~600 tokens with the byte-level tokenizer)."""
+    rng = np.random.default_rng(seed)
+    words = ["carry", "add", "seven", "so", "the", "sum", "is", "wait", "check", "+", "="]
+    return [{"problem": f"Problem {i}: " + " ".join(rng.choice(words, rng.integers(1, 30))),
+             "response": "<think>\n" + " ".join(rng.choice(words, rng.integers(1, 120))) + f"\n</think>\n\\boxed{{{i}}}"}
+            for i in range(n)]
+
+
+@pytest.fixture
+def sft_data(tmp_path):
+    return write_jsonl(tmp_path / "sft.jsonl", sft_rows(40))
+
+
+def sft(model, data_path, out, *flags, nproc=1, check=True):
+    return run_script("sft.py", "--model", model, "--data", data_path, "--out", out, "--batch-size", 8,
+                      "--micro-batch-size", 2, "--epochs", 1, "--lr", 1e-3, *flags, nproc=nproc, check=check)
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(out / "metrics.jsonl")]
+
+
+# -----------------------------------------------------------------------------
+# chunked log-probs
+
+
+def test_chunked_logprobs_equal_naive_values_and_gradients():
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = Qwen2ForCausalLM(config).float()
+    seqs = [(torch.randint(0, 151_936, (n,)).tolist(), p) for n, p in [(37, 5), (20, 19), (29, 1)]]
+    input_ids, attention_mask, loss_mask = data.collate(seqs, pad_id=0)
+
+    chunked = TokenLogprobs(lm, chunk_size=7)(input_ids, attention_mask, loss_mask)  # (B, T)
+    chunked.sum().backward()
+    grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V): the naive way
+    naive = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * loss_mask[:, 1:]
+    naive.sum().backward()
+    torch.testing.assert_close(chunked[:, 1:], naive, atol=1e-5, rtol=0)
+    assert (chunked[loss_mask == 0] == 0).all() and chunked.shape == input_ids.shape
+    for g, p in zip(grads, lm.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the no-grad path (reference log-probs) is the same function without checkpointing
+        torch.testing.assert_close(TokenLogprobs(lm, 1000)(input_ids, attention_mask, loss_mask), chunked)
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+
+def test_warmup_then_linear_decay_to_zero():
+    # 20 steps: warmup = ceil(0.1 * 20) = 2 steps rising to the peak, then 18 steps falling towards 0
+    lrs = [lr_at(s, 20, 1.0) for s in range(20)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[11] == pytest.approx(9 / 18) and lrs[19] == pytest.approx(1 / 18)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    # 1,661 steps (SPEC 3): 167 warmup steps
+    assert lr_at(165, 1661, 1e-6) < 1e-6 and lr_at(166, 1661, 1e-6) == 1e-6
+
+
+# -----------------------------------------------------------------------------
+# the script, end to end
+
+
+def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
+    sft(tiny_model, sft_data, tmp_path / "one")
+    sft(tiny_model, sft_data, tmp_path / "two", nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _, _ in one] == [1, 2, 3, 4, 5]
+    for (_, l1, g1), (_, l2, g2) in zip(one, two):
+        assert abs(l1 - l2) < 1e-5 and abs(g1 - g2) < 1e-4
+    assert one[-1][1] < one[0][1] - 0.05  # and it learns
+    record = read_jsonl(tmp_path / "two/metrics.jsonl")[0]
+    assert 0 < record["real_token_frac"] <= 1 and record["tokens"] > 0 and record["tokens_per_s"] > 0
+
+
+def test_resume_equals_uninterrupted(tiny_model, sft_data, tmp_path):
+    sft(tiny_model, sft_data, tmp_path / "full")
+    sft(tiny_model, sft_data, tmp_path / "cut", "--stop-at-step", 2)
+    assert [s for s, _, _ in losses(tmp_path / "cut")] == [1, 2]
+    # what a crash leaves behind: a half-written checkpoint and a logged step past the last checkpoint
+    (tmp_path / "cut/ckpt/step_000003.tmp").mkdir()
+    with (tmp_path / "cut/metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0, "grad_norm": 0.0}) + "\n")
+    proc = sft(tiny_model, sft_data, tmp_path / "cut", "--resume")
+    assert "resuming after step 2" in proc.stdout
+    resumed, full = losses(tmp_path / "cut"), losses(tmp_path / "full")
+    assert [s for s, _, _ in resumed] == [1, 2, 3, 4, 5]
+    assert [x for r in resumed for x in r] == pytest.approx([x for r in full for x in r], abs=1e-6)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full/final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut/final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, tmp_path):
+    """With LR 0 the saved weights must be the starting weights, bit for bit (tied and untied heads)."""
+    if arch == "llama":
+        start = tmp_path / "llama"
+        tok = data.demo_tokenizer()
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     tie_word_embeddings=False)).save_pretrained(start)
+        tok.save_pretrained(start)
+    else:
+        start = tiny_model
+    sft(start, sft_data, tmp_path / "out", "--lr", 0, "--stop-at-step", 1)
+    ckpt = tmp_path / "out/ckpt/step_000001"
+    saved, initial = (AutoModelForCausalLM.from_pretrained(p) for p in (ckpt, start))
+    assert type(saved) is type(initial)
+    assert saved.config.tie_word_embeddings == (arch == "qwen2")
+    for (k, v), (k2, v2) in zip(saved.state_dict().items(), initial.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert json.loads((ckpt / "run_config.json").read_text())["lr"] == 0
+    assert (ckpt / "tokenizer.json").exists() and (tmp_path / "out/config.json").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model, sft_data, tmp_path):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        lm.model.norm.weight[0] = math.nan
+    lm.save_pretrained(tmp_path / "nan_model")
+    data.demo_tokenizer().save_pretrained(tmp_path / "nan_model")
+    proc = sft(tmp_path / "nan_model", sft_data, tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "the loss is nan at step 1" in proc.stdout
+    assert not (tmp_path / "out/ckpt").exists()
+
+
+def test_bad_inputs_are_one_sentence(tiny_model, sft_data, tmp_path):
+    proc = sft(tiny_model, sft_data, tmp_path / "out", "--micro-batch-size", 3, check=False)
+    assert proc.returncode == 2 and "must be a multiple of --micro-batch-size 3" in proc.stdout
+    proc = sft(tmp_path, sft_data, tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "is not" in proc.stdout and "Traceback" not in proc.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}])
+    proc = sft(tiny_model, bad, tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "lacks the string field(s) ['response']" in proc.stdout
