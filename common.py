@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -206,27 +207,108 @@ def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
 
 
 def clip_and_step(model, optimizer, lr, max_grad_norm):
-    """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the norm
-    before clipping."""
+    """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the gradient
+    norm before clipping and the norm of the update theta_{t+1} - theta_t over all parameters (the
+    paper's "gradient update size", Figures 3-7), both global."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
+    shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # this rank's
+    before = [p.detach().clone() for p in shards]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    update_sq = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(shards, before))
+    return grad_norm.item(), math.sqrt(all_reduce_sum([update_sq], grad_norm.device)[0])
 
 
 # -----------------------------------------------------------------------------
-# run outputs: config, metrics, checkpoints
+# what both training stages share: flags, set-up, the end of a step
 
 
-def save_config(args, out_dir):
-    """The resolved configuration, beside the metrics and copied into every checkpoint."""
+def add_training_args(parser, *, lr, epochs, batch_size, save_every):
+    """The flags sft.py and redi.py share. Each stage passes its own paper defaults (SPEC 2, SPEC 3)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--out", required=True, help="output folder: config.json, metrics.jsonl, ckpt/step_N")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="override the config's context window (authors: 32768 for Qwen2.5-Math, SPEC 2)")
+    g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, SPEC 2)")
+    g.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
+    g = parser.add_argument_group("optimisation (AdamW, SPEC 2)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--warmup-frac", type=float, default=0.1, help="linear warmup over this share of the steps, then linear decay to 0")
+    g.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch = micro-batch x accumulation x ranks (default: %(default)s)")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="examples per forward on one rank")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (authors' framework default)")
+    g.add_argument("--seed", type=int, default=0, help="data order")
+    g = parser.add_argument_group("memory")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
+    g.add_argument("--logprob-chunk", type=int, default=1024, help="tokens per LM-head chunk (bounds the logits' memory)")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--stop-at-step", type=int, default=None,
+                   help="checkpoint and exit after this step, schedule unchanged (time-limited jobs)")
+
+
+def accumulation_steps(args, world_size):
+    accumulation, rem = divmod(args.batch_size, args.micro_batch_size * world_size)
+    if rem or accumulation == 0:
+        die(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size} "
+            f"x {world_size} ranks")
+    return accumulation
+
+
+def build_model(args, device):
+    """The starting model, sharded, and its AdamW. Returns (model, optimizer, n_parameters)."""
+    lm = load_model(args.model, args.max_position_embeddings, args.rope_theta, args.attn_implementation,
+                    args.trust_remote_code)
+    n_params = sum(p.numel() for p in lm.parameters())
+    model = shard_model(lm, device, args.logprob_chunk, args.grad_checkpointing)
+    return model, make_optimizer(model, args.lr, args.weight_decay), n_params
+
+
+def start_run(args, model, optimizer):
+    """Restores the newest complete checkpoint when --resume finds one; saves the resolved config.
+    Returns (first step to run, Metrics)."""
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting from --model")
+    start_step = _restore(model, optimizer, ckpt) if ckpt else 0
+    if ckpt:
+        print0(f"resuming after step {start_step} from {ckpt}")
     if dist.get_rank() == 0:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    return start_step, Metrics(args.out, start_step)
+
+
+def end_step(args, step, total_steps, record, line, model, optimizer, tokenizer, metrics):
+    """Log the step (rank 0), checkpoint every --save-every steps and at the end. Returns True when the
+    run should stop here (last step, or --stop-at-step)."""
+    metrics.log(record)
+    print0(line)
+    done = step == total_steps or step == args.stop_at_step
+    if step % args.save_every == 0 or done:
+        path = save_checkpoint(model, optimizer, tokenizer, args, args.out, step)
+        print0(f"saved {path}")
+        if step == total_steps and dist.get_rank() == 0:  # OUT/final -> the last checkpoint, for the next stage
+            final = Path(args.out) / "final"
+            final.unlink(missing_ok=True)
+            final.symlink_to(path.relative_to(args.out))
+    return done
+
+
+def check_finite(loss, step, out_dir):
+    if not math.isfinite(loss):
+        die(f"the loss is {loss} at step {step}; stopping before the optimiser step so no checkpoint is "
+            f"corrupted (latest good checkpoint: {latest_checkpoint(out_dir) or 'none'}). "
+            "Lower the learning rate or check the data.")
 
 
 class Metrics:
@@ -255,6 +337,10 @@ class StepTimer:
     def lap(self):
         t, self.t0 = self.t0, time.perf_counter()
         return self.t0 - t
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
 
 
 def _rng_state():
@@ -314,14 +400,21 @@ def latest_checkpoint(out_dir):
     return found[-1] if found else None
 
 
-def load_train_state(model, optimizer, ckpt):
-    """Restores the optimiser (rank 0 reads, then broadcasts shards) and this rank's RNG; returns the
-    step the checkpoint was taken at. The weights come from the same folder via load_model()."""
-    state = torch.load(ckpt / "train_state.pt", weights_only=False) if dist.get_rank() == 0 else {}
+def _restore(model, optimizer, ckpt):
+    """Weights, optimiser and this rank's RNG from a checkpoint: rank 0 reads the files, then the
+    tensors are broadcast and each rank keeps its shards. Returns the checkpoint's step."""
+    from safetensors.torch import load_file
+    weights, state = {}, {}
+    if dist.get_rank() == 0:
+        weights = {"lm." + k: v for k, v in load_file(ckpt / "model.safetensors").items()}
+        if model.lm.config.tie_word_embeddings:
+            weights["lm.lm_head.weight"] = weights["lm.model.embed_tokens.weight"]
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
     header = [{"step": state.get("step"), "rng": state.get("rng")}]
     dist.broadcast_object_list(header, src=0)
-    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}),
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
     rngs = header[0]["rng"]
     if len(rngs) == dist.get_world_size():
         _set_rng_state(rngs[dist.get_rank()])
@@ -329,10 +422,3 @@ def load_train_state(model, optimizer, ckpt):
         print0(f"note: checkpoint was written by {len(rngs)} ranks, this run has {dist.get_world_size()}; "
                "RNG states not restored (training itself draws no random numbers)")
     return header[0]["step"]
-
-
-def check_finite(loss, step, out_dir):
-    if not math.isfinite(loss):
-        ckpt = latest_checkpoint(out_dir)
-        die(f"the loss is {loss} at step {step}; stopping before the optimiser step so no checkpoint is "
-            f"corrupted (latest good checkpoint: {ckpt or 'none'}). Lower the learning rate or check the data.")
