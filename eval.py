@@ -1,0 +1,588 @@
+"""Evaluation (SPEC 4): sample answers with Hugging Face generate, grade them with math-verify, and report
+pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts).
+
+    python eval.py --model runs/redi/final --out runs/redi/eval                 # MATH-500 x 4 samples
+    python eval.py --model runs/redi/final --benchmark math500 aime24 amc23 minerva olympiadbench \
+        --samples 16 --out runs/redi/eval16                                           # the paper's final evals
+    torchrun --nproc_per_node 8 eval.py --model runs/redi/final --samples 16 --out runs/redi/eval16
+    python eval.py --model demo/model --data demo/test.jsonl --max-new-tokens 512 --out runs/demo-eval
+    python eval.py score runs/redi/eval/results.jsonl     # rebuild summary.json and the table from results alone
+
+--out gets results.jsonl (one line per sample, appended as samples finish; a rerun with the same --out
+skips the samples already there), summary.json (per benchmark, plus the average) and config.json.
+Under torchrun every rank holds a whole model and takes a share of the problems; rank 0 merges.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from math_verify import parse, verify
+
+from common import cleanup, die, init_dist, load_model, load_tokenizer, print0
+from data import SYSTEM_PROMPT, open_corpus, render_chat
+
+# Hub copies of the paper's benchmarks. Fields checked against each dataset card (none is reachable offline,
+# so none of these was loaded here): MATH-500 500 test rows (SPEC 4); AIME 2024 30 rows; AMC: the authors'
+# "AMC23" is the 83 AMC12 2022-2023 problems of AI-MO/aimo-validation-amc, with integer answers stored as floats
+# (the 40-problem AMC 2023 set, e.g. math-ai/amc23, is a different benchmark); Minerva 272 rows; OlympiadBench:
+# the 675 text-only English competition-math problems, config OE_TO_maths_en_COMP, whose final_answer is a list
+# (its config name and fields come from other projects' loaders; the row count was not checked).
+BENCHMARKS = {  # name: (Hub id, config, split, problem field, answer field, id field)
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
+    "amc23": ("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", "id"),
+    "minerva": ("math-ai/minervamath", None, "test", "question", "answer", None),
+    "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train", "question", "final_answer", "id"),
+}
+
+# SPEC 4: the authors' user prompt (lighteval's MATH template), two spaces after "clearly." included.
+LIGHTEVAL_PROMPT = ("Solve the following math problem efficiently and clearly.  The last line of your response "
+                    "should be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope "
+                    "it is correct' (without quotes) where ANSWER is just the final number or expression that "
+                    "solves the problem. Think step by step before answering.\n\n")
+THINK_PREFIX = "<think>\n"
+# Settings that change what a sample is: a rerun into the same --out must keep them, or the samples would mix.
+SAMPLING_KEYS = ("model", "prompt", "think_prefix", "temperature", "top_p", "max_new_tokens",
+                 "max_prompt_tokens", "seed")
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# model
+parser.add_argument("--model", required=True, help="model folder or Hub id (a checkpoint from sft.py/redi.py)")
+parser.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
+parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
+# problems
+parser.add_argument("--benchmark", nargs="+", default=None, choices=list(BENCHMARKS),
+                    help="one or more (default math500, SPEC 4's intermediate eval, unless --data is given)")
+parser.add_argument("--data", default=None, help="a local .jsonl/.parquet of problems, named after its file stem")
+parser.add_argument("--problem-field", default="problem", help="--data: field holding the problem")
+parser.add_argument("--answer-field", default="answer", help="--data: field holding the gold answer")
+parser.add_argument("--id-field", default="id", help="--data: problem id field, if present (else the row number)")
+parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark (smoke tests)")
+# generation (SPEC 4)
+parser.add_argument("--prompt", choices=["bare", "lighteval"], default="bare",
+                    help="user turn: the bare problem as in training (default), or the authors' lighteval MATH template")
+parser.add_argument("--no-think-prefix", dest="think_prefix", action="store_false",
+                    help="do not start the assistant turn with '<think>\\n' (SPEC 4 forces it, as the traces begin)")
+parser.add_argument("--samples", type=int, default=4,
+                    help="n, samples per problem: 4 for intermediate evals, 16 for final ones (not --n: torchrun "
+                         "would take it for an abbreviation of its own flags)")
+parser.add_argument("--temperature", type=float, default=0.6)
+parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; there is no top-k (SPEC 4)")
+parser.add_argument("--max-new-tokens", type=int, default=30720, help="response budget (authors: 32,768 - 2,048)")
+parser.add_argument("--max-prompt-tokens", type=int, default=2048,
+                    help="prompt budget; a longer prompt is not generated and its samples count as wrong")
+parser.add_argument("--batch-size", type=int, default=32,
+                    help="sequences per generate call (32 x 32k tokens of Qwen2.5-Math-1.5B KV cache is ~29 GB)")
+parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
+# grading and output
+parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
+parser.add_argument("--grade-timeout", type=float, default=5.0, help="seconds per answer; slower grades count as wrong")
+parser.add_argument("--out", required=True, help="output folder: results.jsonl, summary.json, config.json")
+
+score_parser = argparse.ArgumentParser(prog="eval.py score", description="rebuild summary.json from a results file")
+score_parser.add_argument("results", help="a results.jsonl written by eval.py; summary.json is written beside it")
+
+# -----------------------------------------------------------------------------
+# problems
+
+
+def gold_text(value):
+    if isinstance(value, list):  # OlympiadBench: one entry per answer, each in its own $...$
+        return ", ".join(str(v).strip().strip("$") for v in value)
+    if isinstance(value, float) and value.is_integer():  # AMC's answers are stored as floats
+        return str(int(value))
+    return str(value)
+
+
+def load_problems(args):
+    """{benchmark: [{"id", "problem", "gold"}]} in dataset order."""
+    sources = {}  # name -> (rows, problem field, answer field, id field, where)
+    if args.data:
+        if not Path(args.data).is_file():
+            die(f"--data {args.data!r} is not a file (expected a .jsonl or .parquet of problems)")
+        rows, _ = open_corpus(args.data, "train")
+        sources[Path(args.data).stem] = (rows, args.problem_field, args.answer_field, args.id_field, args.data)
+    for name in args.benchmark or ([] if args.data else ["math500"]):
+        import datasets
+        hub_id, config, split, problem_field, answer_field, id_field = BENCHMARKS[name]
+        try:
+            rows = datasets.load_dataset(hub_id, config, split=split)
+        except Exception as e:  # the datasets library raises many kinds for "not found" / offline
+            die(f"benchmark {name}: could not load {hub_id} ({e.__class__.__name__}: {e}); offline, pass a local "
+                f"copy with --data")
+        sources[name] = (rows, problem_field, answer_field, id_field, hub_id)
+    problems = {}
+    for name, (rows, problem_field, answer_field, id_field, where) in sources.items():
+        items = []
+        for i in range(len(rows) if args.limit is None else min(args.limit, len(rows))):
+            row = rows[i]
+            if not isinstance(row, dict) or not isinstance(row.get(problem_field), str) or row.get(answer_field) is None:
+                die(f"{where} row {i} lacks the problem field {problem_field!r} or the answer field {answer_field!r}")
+            items.append({"id": str(row.get(id_field, i)) if id_field else str(i), "problem": row[problem_field],
+                          "gold": gold_text(row[answer_field])})
+        if not items:
+            die(f"{where} holds no problems")
+        if len({p["id"] for p in items}) < len(items):
+            die(f"{where}: the id field {id_field!r} has repeated values; point --id-field at a unique field")
+        problems[name] = items
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# prompts and sampling
+
+
+def build_prompt(tokenizer, problem, prompt="bare", think_prefix=True):
+    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, plus <think>\\n."""
+    user = problem if prompt == "bare" else LIGHTEVAL_PROMPT + problem
+    return render_chat(tokenizer, user, None, SYSTEM_PROMPT) + (THINK_PREFIX if think_prefix else "")
+
+
+def stop_token_ids(tokenizer):
+    """The tokenizer's eos, and the end-of-turn / end-of-text tokens of ChatML models when the vocabulary has them."""
+    vocab = tokenizer.get_vocab()
+    return sorted({tokenizer.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab} - {None})
+
+
+def sample_top_p(logits, u, temperature, top_p):
+    """logits (B, V), u (B,) uniform in [0, 1): one token per row, drawn by inverse CDF from softmax(logits / T)
+    restricted to the nucleus: the most likely tokens, each kept while the mass before it is below top_p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the top token always stays
+    cdf = probs.cumsum(-1)  # (B, V), ends at the nucleus' mass
+    k = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (B,)
+    return order.gather(1, k[:, None]).squeeze(1)
+
+
+class Sampler:
+    """A logits processor that samples each row with its own torch.Generator, seeded per (problem, sample), so a
+    sample is the same whichever batch, rank or rerun produces it. It returns scores with one finite entry, so
+    generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
+
+    def __init__(self, seeds, temperature, top_p):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(scores.device)  # (B,)
+        token = sample_top_p(scores, u, self.temperature, self.top_p)
+        return torch.full_like(scores, -math.inf).scatter_(1, token[:, None], 0.0)
+
+
+def sample_seed(seed, benchmark, problem_id, sample):
+    return int(hashlib.sha256(f"{seed}|{benchmark}|{problem_id}|{sample}".encode()).hexdigest()[:15], 16)
+
+
+def generate_batch(model, jobs, args, pad_id, stop_ids, device):
+    """Left-pads the jobs' prompts into one batch and samples. Returns per job (new tokens without the stop
+    token, num_tokens including it, finish_reason)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    T = max(len(j["prompt_ids"]) for j in jobs)
+    input_ids = torch.full((len(jobs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(jobs), T), dtype=torch.long)
+    for b, j in enumerate(jobs):
+        input_ids[b, T - len(j["prompt_ids"]):] = torch.tensor(j["prompt_ids"])
+        attention_mask[b, T - len(j["prompt_ids"]):] = 1
+    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+                              pad_token_id=pad_id, use_cache=True)
+    sampler = Sampler([j["seed"] for j in jobs], args.temperature, args.top_p)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+    results, stops = [], set(stop_ids)
+    for row in out[:, T:].tolist():  # (B, new tokens); rows that stopped early are padded after the stop token
+        end = next((t for t, tok in enumerate(row) if tok in stops), None)
+        results.append((row, len(row), "length") if end is None else (row[:end], end + 1, "stop"))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# grading: the last \boxed{} after </think>, checked by math-verify in worker processes
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}) with nested braces, or of `\\boxed 5`; None if none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5):]
+    if not rest.startswith("{"):
+        match = re.match(r" +([^\s$]+)", rest)
+        return match.group(1) if match else None
+    depth, i = 0, 0
+    while i < len(rest):
+        if rest[i] == "\\":  # \{ and \} are literal braces, not groups
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(rest[i], 0)
+        if depth == 0:
+            return rest[1:i]
+        i += 1
+    return None  # cut off before its closing brace
+
+
+def extract_answer(response):
+    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); no boxed answer after
+    the last </think> -> (None, "no_answer"); else (the last boxed content, "ok")."""
+    end = response.rfind("</think>")
+    if end < 0:
+        return None, "unclosed"
+    answer = last_boxed(response[end + len("</think>"):])
+    return (None, "no_answer") if answer is None else (answer, "ok")
+
+
+def verify_answer(answer, gold):
+    """math-verify, gold first. Bare LaTeX like (x+1)^2 parses to nothing, so each side is put in $...$ (the
+    gold only if it has no unescaped $ of its own). math-verify's SIGALRM timeouts are off: the Grader's is the timeout."""
+    gold = gold if re.search(r"(?<!\\)\$", gold) else f"${gold}$"
+    return verify(parse(gold, parsing_timeout=None), parse(f"${answer}$", parsing_timeout=None), timeout_seconds=None)
+
+
+def _grade_worker(conn):
+    """Worker process: receives lists of (answer, gold), sends back one bool per item as soon as it is graded."""
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # "timeout disabled" warnings: ours is on
+    conn.send("ready")
+    try:
+        while (items := conn.recv()) is not None:
+            for answer, gold in items:
+                try:
+                    conn.send(bool(verify_answer(answer, gold)))
+                except Exception:
+                    conn.send(False)
+    except EOFError:  # the parent went away
+        pass
+
+
+class Grader:
+    """A pool of math-verify worker processes with a hard per-answer timeout. math-verify's own timeout uses
+    SIGALRM: main thread only, and a Python handler cannot stop one long C-level operation (SPEC 4 saw a big
+    power like \\boxed{10^{10^{10^{10}}}} do that). So a worker that spends more than `timeout` seconds on one
+    answer is killed from outside and replaced; the answer counts as wrong and as a timeout. Work goes out in
+    chunks: no process, and no round trip, per answer."""
+
+    def __init__(self, workers=2, timeout=5.0, chunk=32):
+        self.ctx = mp.get_context("spawn")  # fork would copy a parent holding a model and thread pools
+        self.timeout, self.chunk = timeout, chunk
+        self.workers = [self._start() for _ in range(workers)]
+
+    def _start(self):
+        conn, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_grade_worker, args=(child,), daemon=True)
+        proc.start()
+        child.close()
+        return {"proc": proc, "conn": conn, "ready": False, "todo": [], "deadline": None}
+
+    def __call__(self, pairs):
+        """pairs: list of (answer, gold). Returns [(correct, timed_out)], in order."""
+        results = [None] * len(pairs)
+        queue = [list(range(i, min(i + self.chunk, len(pairs)))) for i in range(0, len(pairs), self.chunk)]
+        while queue or any(w["todo"] for w in self.workers):
+            for w in self.workers:
+                if w["ready"] and not w["todo"] and queue:
+                    w["todo"] = queue.pop()  # indices of the answers this worker is grading, in order
+                    w["conn"].send([pairs[i] for i in w["todo"]])
+                    w["deadline"] = time.monotonic() + self.timeout
+            wait([w["conn"] for w in self.workers], timeout=0.05)
+            for k, w in enumerate(self.workers):
+                dead = False
+                try:
+                    while w["conn"].poll():
+                        message = w["conn"].recv()
+                        if message == "ready":
+                            w["ready"] = True
+                        else:
+                            results[w["todo"].pop(0)] = (message, False)
+                            w["deadline"] = time.monotonic() + self.timeout
+                except (EOFError, ConnectionError):
+                    if not w["ready"]:
+                        raise RuntimeError("a grading worker died while starting (can it import eval.py?)")
+                    dead = True  # crashed on its current answer: handled like a hang
+                if dead or (w["todo"] and time.monotonic() > w["deadline"]):
+                    if w["todo"]:
+                        results[w["todo"].pop(0)] = (False, True)
+                    if w["todo"]:
+                        queue.append(w["todo"])  # the rest of its chunk goes to the next free worker
+                    w["proc"].kill()
+                    w["proc"].join()
+                    self.workers[k] = self._start()
+        return results
+
+    def close(self):
+        for w in self.workers:
+            try:
+                w["conn"].send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            w["proc"].join(timeout=5)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+        self.workers = []
+
+
+def grade_responses(grader, responses, golds):
+    """One dict per response: the extracted answer, correct, grade_timeout. Extraction happens here; only
+    answers that exist go to the workers."""
+    graded = [{"answer": extract_answer(r)[0], "correct": False, "grade_timeout": False} for r in responses]
+    todo = [i for i, g in enumerate(graded) if g["answer"] is not None]
+    if todo:
+        for i, (correct, timed_out) in zip(todo, grader([(graded[i]["answer"], golds[i]) for i in todo])):
+            graded[i]["correct"], graded[i]["grade_timeout"] = correct, timed_out
+    return graded
+
+
+_default_grader = None
+
+
+def grade_many(responses, golds):
+    """Correctness of each response against its gold answer (SPEC 4's rule), on a pool started at first use."""
+    global _default_grader
+    _default_grader = _default_grader or Grader()
+    return [g["correct"] for g in grade_responses(_default_grader, responses, golds)]
+
+
+def grade(response, gold):
+    return grade_many([response], [gold])[0]
+
+
+# -----------------------------------------------------------------------------
+# metrics (SPEC 4)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k for one problem with c correct of n samples: 1 - C(n-c, k) / C(n, k), computed as the
+    product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def count_wait(text):
+    return len(re.findall(r"\bWait\b", text))  # appendix E: the word "Wait", case-sensitive, whole word
+
+
+def summarize(records):
+    """Per-benchmark metrics from result records (dicts as in results.jsonl), and their average over benchmarks.
+    Rates are fractions of the benchmark's samples; timeouts and prompt_too_long are counts of samples."""
+    table = {}  # benchmark -> problem_id -> sample -> the record's small fields
+    for r in records:
+        table.setdefault(r["benchmark"], {}).setdefault(r["problem_id"], {})[r["sample"]] = {
+            "correct": r["correct"], "tokens": r["num_tokens"], "waits": count_wait(r["response"]),
+            "status": extract_answer(r["response"])[1], "timeout": r["grade_timeout"], "finish": r["finish_reason"]}
+    summary = {}
+    for name, problems in table.items():
+        n = min(len(samples) for samples in problems.values())
+        if any(len(samples) != n for samples in problems.values()):
+            print(f"warning: {name}: problems have different numbers of samples; using the first {n} of each")
+        rows = [[samples[j] for j in sorted(samples)[:n]] for samples in problems.values()]
+        flat = [s for row in rows for s in row]
+        correct = np.array([[s["correct"] for s in row] for row in rows], dtype=float)  # (problems, n)
+        tokens, waits = sum(s["tokens"] for s in flat), sum(s["waits"] for s in flat)
+        ks = sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+        summary[name] = {
+            "n_problems": len(rows), "n_samples": n,
+            "pass@1": float(correct.mean()),  # over every problem and sample
+            "sem": float(correct.mean(0).std() / math.sqrt(n)),  # std over P_j = accuracy of sample j alone, ddof 0
+            "pass@k": {str(k): float(np.mean([pass_at_k(n, c, k) for c in correct.sum(1).astype(int)])) for k in ks},
+            "mean_tokens": tokens / len(flat),
+            "wait_per_response": waits / len(flat),
+            "wait_per_1k_tokens": 1000 * waits / max(tokens, 1),  # over all the benchmark's response tokens
+            # generated, but never closed </think> (cut off by the length budget, or stopped without closing)
+            "truncated": float(np.mean([s["status"] == "unclosed" and s["finish"] != "prompt_too_long" for s in flat])),
+            "no_answer": float(np.mean([s["status"] == "no_answer" for s in flat])),  # no \boxed{} after </think>
+            "timeouts": sum(s["timeout"] for s in flat),  # answers whose grading was killed (wrong)
+            "prompt_too_long": sum(s["finish"] == "prompt_too_long" for s in flat),  # never generated (wrong)
+        }
+    if summary:  # the paper's "Avg." column: plain means over benchmarks
+        keys = ["pass@1", "mean_tokens", "wait_per_response", "wait_per_1k_tokens", "truncated", "no_answer"]
+        average = {k: float(np.mean([s[k] for s in summary.values()])) for k in keys}
+        ks = set.intersection(*(set(s["pass@k"]) for s in summary.values()))
+        average["pass@k"] = {k: float(np.mean([s["pass@k"][k] for s in summary.values()])) for k in sorted(ks, key=int)}
+        summary["average"] = average
+    return summary
+
+
+def print_table(summary):
+    print(f"{'benchmark':<16}{'problems':>9}{'n':>4}{'pass@1':>8}{'sem':>7}{'pass@n':>8}{'tokens':>9}"
+          f"{'wait/resp':>10}{'wait/1k':>8}{'trunc':>7}{'no_ans':>7}{'timeouts':>9}")
+    for name, s in summary.items():
+        per_benchmark = name != "average"
+        print(f"{name:<16}{s['n_problems'] if per_benchmark else '':>9}{s['n_samples'] if per_benchmark else '':>4}"
+              f"{s['pass@1']:>8.1%}" + (f"{s['sem']:>7.1%}{s['pass@k'][str(s['n_samples'])]:>8.1%}"
+                                         if per_benchmark else " " * 15)
+              + f"{s['mean_tokens']:>9,.0f}{s['wait_per_response']:>10.2f}{s['wait_per_1k_tokens']:>8.2f}"
+              f"{s['truncated']:>7.1%}{s['no_answer']:>7.1%}{s['timeouts'] if per_benchmark else '':>9}")
+
+
+# -----------------------------------------------------------------------------
+# results files
+
+
+def iter_results(path):
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+
+
+def write_results(f, jobs, responses, finishes, grades):
+    """One line per sample, flushed at once. num_tokens counts the tokens the model generated, its stop token
+    included (the forced <think>\\n is prompt); finish_reason is "stop", "length" or "prompt_too_long"."""
+    for j, response, (num_tokens, finish), g in zip(jobs, responses, finishes, grades):
+        f.write(json.dumps({"benchmark": j["benchmark"], "problem_id": j["problem_id"], "sample": j["sample"],
+                            "response": response, "answer": g["answer"], "gold": j["gold"], "correct": g["correct"],
+                            "grade_timeout": g["grade_timeout"], "num_tokens": num_tokens,
+                            "finish_reason": finish}) + "\n")
+    f.flush()
+
+
+def merge_results(out):
+    """Rank 0: results.jsonl plus any results.rank*.jsonl (written by ranks, or left by an interrupted run)
+    -> one results.jsonl with each (benchmark, problem_id, sample) once and no broken line. Returns the keys."""
+    parts = [p for p in [out / "results.jsonl"] + sorted(out.glob("results.rank*.jsonl")) if p.exists()]
+    seen = set()
+    with open(out / "results.jsonl.tmp", "w") as f:
+        for part in parts:
+            for r in iter_results(part):
+                key = (r["benchmark"], r["problem_id"], r["sample"])
+                if key not in seen:
+                    seen.add(key)
+                    f.write(json.dumps(r) + "\n")
+    os.replace(out / "results.jsonl.tmp", out / "results.jsonl")
+    for part in parts[1:]:
+        part.unlink()
+    return seen
+
+
+def write_summary(results_path):
+    summary = summarize(iter_results(results_path))
+    if not summary:
+        die(f"{results_path} holds no results")
+    (Path(results_path).parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table(summary)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+
+
+def load_for_generation(args, device):
+    """Tokenizer and model in eval mode: bf16 on GPUs, fp32 on CPUs. The model's own generation_config (some ship
+    top_k, repetition_penalty, ...) is replaced by an empty one so that only SPEC 4's sampling applies."""
+    from transformers import GenerationConfig
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_model(args.model, attn_implementation=args.attn_implementation,
+                       trust_remote_code=args.trust_remote_code, dtype=dtype)
+    model.generation_config = GenerationConfig()
+    return tokenizer, model.to(device).eval()
+
+
+def check_out_folder(args):
+    """A rerun may add samples or benchmarks to --out, but not with different sampling settings."""
+    path = Path(args.out) / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in SAMPLING_KEYS if k in old and old[k] != getattr(args, k)]
+        if changed:
+            die(f"--out {args.out!r} holds samples made with other settings ({', '.join(changed)}); use a new --out")
+
+
+def run(args):
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.samples < 1 or args.batch_size < 1:
+        die("--temperature must be > 0, --top-p in (0, 1], --samples and --batch-size >= 1")
+    rank, world, device = init_dist()
+    # Ranks finish at different times (response lengths vary a lot); this group waits for them without the
+    # default collective timeout.
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    out = Path(args.out)
+    check_out_folder(args)
+    problems = load_problems(args)
+    tokenizer, model = load_for_generation(args, device)
+    stop_ids = stop_token_ids(tokenizer)
+    args.benchmark, args.stop_token_ids, args.world_size = list(problems), stop_ids, world
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    done = [merge_results(out) if rank == 0 else None]
+    dist.broadcast_object_list(done, src=0, group=group)
+    done = done[0]
+
+    # Every rank builds the same list: problems sorted by prompt length, dealt round-robin, so ranks get similar
+    # mixes and a batch holds prompts of similar length (little padding). Then this rank's unfinished samples.
+    prompts = []
+    for name, items in problems.items():
+        texts = [build_prompt(tokenizer, p["problem"], args.prompt, args.think_prefix) for p in items]
+        for p, ids in zip(items, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            prompts.append({"benchmark": name, "problem_id": p["id"], "gold": p["gold"], "prompt_ids": ids})
+    prompts.sort(key=lambda p: len(p["prompt_ids"]))
+    jobs = [{**p, "sample": j, "seed": sample_seed(args.seed, p["benchmark"], p["problem_id"], j)}
+            for p in prompts[rank::world] for j in range(args.samples)
+            if (p["benchmark"], p["problem_id"], j) not in done]
+    too_long = [j for j in jobs if len(j["prompt_ids"]) > args.max_prompt_tokens]
+    jobs = [j for j in jobs if len(j["prompt_ids"]) <= args.max_prompt_tokens]
+    n_total = len(prompts) * args.samples
+    print0(f"eval {args.model}: {', '.join(f'{k} ({len(v)})' for k, v in problems.items())} x {args.samples} samples = "
+           f"{n_total:,}; {len(done):,} already in {out / 'results.jsonl'}; {world} rank(s) on {device.type}; "
+           f"rank 0 has {len(jobs):,} to generate; stop tokens {stop_ids}")
+
+    if too_long:
+        print(f"rank {rank}: {len(too_long)} samples have prompts over --max-prompt-tokens {args.max_prompt_tokens} "
+              f"(longest {max(len(j['prompt_ids']) for j in too_long)}); not generated, they count as wrong", flush=True)
+    with open(out / ("results.jsonl" if world == 1 else f"results.rank{rank}.jsonl"), "a") as f:
+        # Over-long prompts are recorded too, so that every benchmark keeps its size.
+        write_results(f, too_long, [""] * len(too_long), [(0, "prompt_too_long")] * len(too_long),
+                      [{"answer": None, "correct": False, "grade_timeout": False}] * len(too_long))
+        grader = Grader(args.grade_workers, args.grade_timeout) if jobs else None
+        n_done = n_correct = 0
+        for b in range(0, len(jobs), args.batch_size):
+            batch, t0 = jobs[b:b + args.batch_size], time.perf_counter()
+            generated = generate_batch(model, batch, args, tokenizer.pad_token_id, stop_ids, device)
+            dt = time.perf_counter() - t0
+            # No skip_special_tokens: a tokenizer may mark </think> special; the stop token is already cut off.
+            responses = [(THINK_PREFIX if args.think_prefix else "") + tokenizer.decode(tokens)
+                         for tokens, _, _ in generated]
+            grades = grade_responses(grader, responses, [j["gold"] for j in batch])
+            write_results(f, batch, responses, [g[1:] for g in generated], grades)
+            n_done, n_correct = n_done + len(batch), n_correct + sum(g["correct"] for g in grades)
+            new_tokens = sum(t for _, t, _ in generated)
+            print0(f"batch {b // args.batch_size + 1}/{math.ceil(len(jobs) / args.batch_size)} | samples "
+                   f"{n_done:,}/{len(jobs):,} (rank 0) | {len(batch)} x {max(len(j['prompt_ids']) for j in batch)} "
+                   f"prompt tokens | {new_tokens:,} new tokens in {dt:.1f}s = {new_tokens / dt:,.0f} tok/s | "
+                   f"correct so far {n_correct / n_done:.1%}")
+        if grader:
+            grader.close()
+    dist.barrier(group=group)
+    if rank == 0:
+        merge_results(out)
+        write_summary(out / "results.jsonl")
+    cleanup()
+
+
+def main():
+    if sys.argv[1:2] == ["score"]:
+        args = score_parser.parse_args(sys.argv[2:])
+        if not Path(args.results).is_file():
+            die(f"{args.results!r} is not a file (expected a results.jsonl written by eval.py)")
+        write_summary(args.results)
+    else:
+        run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
