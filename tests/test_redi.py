@@ -171,14 +171,17 @@ def test_bad_pair_rows_are_reported_not_trained_on(tiny_model, tmp_path):
     assert "empty response: 1" in proc.stdout and "chosen == rejected: 1" in proc.stdout
 
 
-def test_collapse_signature():
-    args = redi.parser.parse_args(["--model", "m", "--data", "d", "--out", "o"])
-
-    def rec(w, l, upd, lr=1e-6):
-        return {"chosen_logps_per_token": w, "rejected_logps_per_token": l, "update_norm": upd, "lr": lr}
-    history = [rec(-0.3, -0.5, 1e-3 * k, lr=1e-7 * k) for k in range(1, 7)]  # warmup: update grows with LR
-    assert not redi.is_collapsing(history, rec(-0.35, -0.6, 1e-2, lr=1e-6), args)  # update per LR as before
-    assert not redi.is_collapsing(history, rec(-0.3, -2.0, 1e-1), args)  # only rejected falls: REDI working
-    assert not redi.is_collapsing(history, rec(-1.5, -2.0, 1e-2), args)  # both fall, no surge
-    assert redi.is_collapsing(history, rec(-1.5, -2.0, 1e-1), args)  # both fall and the update surges
-    assert not redi.is_collapsing(history[:3], rec(-1.5, -2.0, 1e-1), args)  # too early to tell
+def test_long_inputs_are_truncated_and_counted(tiny_model, pref_data, tmp_path):
+    tok = demo_tokenizer()
+    pairs = redi.load_pairs(pref_data, tok, 10_000, 10_000)  # nothing cut
+    max_p, max_r = (sorted(n)[len(n) // 2] for n in ([len(p) for p, _, _ in pairs], [len(w) for _, w, _ in pairs]))
+    prompt_cut = sum(len(p) > max_p for p, _, _ in pairs)
+    response_cut = sum(len(w) > max_r or len(l) > max_r for _, w, l in pairs)
+    assert 0 < prompt_cut < len(pairs) and 0 < response_cut < len(pairs)
+    cut = redi.load_pairs(pref_data, tok, max_p, max_r)
+    for (p, w, l), (p2, w2, l2) in zip(pairs, cut):
+        assert p2 == p[-max_p:] and w2 == w[:max_r] and l2 == l[:max_r]  # prompts keep their end, responses their start
+    proc = train(tiny_model, pref_data, tmp_path / "out", "--max-prompt-length", max_p, "--max-response-length", max_r,
+                 "--stop-at-step", 1)
+    assert f"prompts cut to their last {max_p} tokens: {prompt_cut}; pairs with a response cut to {max_r} tokens: " \
+           f"{response_cut}" in proc.stdout

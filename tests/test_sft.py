@@ -9,6 +9,7 @@ import torch
 from conftest import read_jsonl, run_script, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import common
 import data
 from common import TokenLogprobs, lr_at
 
@@ -83,8 +84,9 @@ def test_warmup_then_linear_decay_to_zero():
 
 
 def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
+    """Also with activation checkpointing on the 2-rank side: recomputing must not change the numbers."""
     sft(tiny_model, sft_data, tmp_path / "one")
-    sft(tiny_model, sft_data, tmp_path / "two", nproc=2)
+    sft(tiny_model, sft_data, tmp_path / "two", "--grad-checkpointing", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _, _ in one] == [1, 2, 3, 4, 5]
     for (_, l1, g1), (_, l2, g2) in zip(one, two):
@@ -133,6 +135,15 @@ def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, t
         assert k == k2 and torch.equal(v, v2), k
     assert json.loads((ckpt / "run_config.json").read_text())["lr"] == 0
     assert (ckpt / "tokenizer.json").exists() and (tmp_path / "out/config.json").exists()
+
+
+def test_context_window_overrides(tiny_model):
+    """SPEC 2: the authors widen Qwen2.5-Math's window with max_position_embeddings 32768, rope_theta 300000."""
+    lm = common.load_model(str(tiny_model), max_position_embeddings=32768, rope_theta=300000.0)
+    assert lm.config.max_position_embeddings == 32768 and lm.config.rope_parameters["rope_theta"] == 300000.0
+    dim = lm.config.hidden_size // lm.config.num_attention_heads
+    expected = 1.0 / 300000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    torch.testing.assert_close(lm.model.rotary_emb.inv_freq, expected)  # the rotary embedding uses the new theta
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_model, sft_data, tmp_path):
