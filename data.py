@@ -340,15 +340,19 @@ def prepare(args):
 # demo: an offline toy corpus in the OpenR1-Math-Raw schema, held-out problems and a tiny student
 
 
-def demo_tokenizer():
-    """One token per byte (a byte-level BPE with no merges) plus Qwen's three special tokens at the
-    end of the vocabulary, and a ChatML template like Qwen2.5-Math's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def demo_tokenizer(texts=(), vocab_size=512):
+    """A byte-level BPE with Qwen's three special tokens and a ChatML template like Qwen2.5-Math's.
+    Digits are always single tokens, as in Qwen's tokenizer. Without texts: one token per byte. With
+    texts (the demo's prompts and traces): merges learnt from them, so sequences are ~3x shorter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
                                    additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
@@ -365,55 +369,85 @@ def demo_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0):
     return Qwen2ForCausalLM(config)
 
 
-def teacher_trace(a, b, rng, p_forget_carry=0.15):
-    """The toy teacher: column addition written out step by step. Sometimes it forgets a carry, and
-    the mistake propagates to its final answer, as a reasoning slip does."""
+# The toy teacher's mistakes, per column (or per trace for the last one): each is a slip a model
+# doing column addition also makes, and each propagates to the final answer as a reasoning slip does.
+SLIPS = {"misread": 0.03,  # a digit of the problem is read as another digit (the tiny student's own main error)
+         "forget_carry": 0.08,  # a carry is not added to the next column
+         "misadd": 0.02,  # a column's sum is off by one
+         "miscopy": 0.02}  # the final answer is copied with two neighbouring digits swapped
+
+
+def teacher_trace(a, b, rng, slips=SLIPS):
+    """Column addition written out step by step, right to left, e.g. for 958 + 67:
+        <think>
+        958+67
+        8+7=15 c1
+        5+6+1=12 c1
+        9+0+1=10 c1
+        =1025
+        </think>
+        \\boxed{1025}
+    Returns (trace, the answer it ends with)."""
     da, db = str(a)[::-1], str(b)[::-1]
-    lines, digits, carry = [f"<think>\nAdd {a} and {b} column by column, from the right."], [], 0
+    lines, digits, carry = [f"<think>\n{a}+{b}"], [], 0
     for i in range(max(len(da), len(db))):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        if rng.random() < slips["misread"]:
+            wrong = int(rng.integers(9))
+            x, y = (wrong + (wrong >= x), y) if rng.random() < 0.5 else (x, wrong + (wrong >= y))
         total = x + y + carry
-        lines.append(f"{x} + {y} + {carry} = {total}, write {total % 10}, carry {total // 10}.")
+        if rng.random() < slips["misadd"]:
+            total = max(0, total + (1 if rng.random() < 0.5 else -1))
+        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}" + (" c1" if total >= 10 else ""))
         digits.append(total % 10)
-        carry = total // 10 if rng.random() >= p_forget_carry else 0
+        carry = total // 10
+        if carry and rng.random() < slips["forget_carry"]:
+            carry = 0
     if carry:
         digits.append(carry)
-    answer = int("".join(map(str, digits[::-1])))
-    lines.append(f"So {a} + {b} = {answer}.\n</think>\n\nThe sum is $\\boxed{{{answer}}}$.")
-    return "\n".join(lines), answer
+    answer = "".join(map(str, digits[::-1]))
+    if len(answer) > 1 and rng.random() < slips["miscopy"]:
+        k = int(rng.integers(len(answer) - 1))
+        answer = answer[:k] + answer[k + 1] + answer[k] + answer[k + 2:]
+    lines.append(f"={answer}\n</think>\n\\boxed{{{answer}}}")
+    return "\n".join(lines), int(answer)
 
 
 def demo(args):
-    """Writes DIR/raw.jsonl (OpenR1-Math-Raw schema), DIR/test.jsonl (held-out problems) and DIR/model."""
+    """Writes DIR/raw.jsonl (the OpenR1-Math-Raw schema), DIR/test.jsonl (held-out problems) and DIR/model
+    (a random student and its tokenizer, whose merges are learnt from the corpus)."""
+    from eval import extract_answer  # the evaluator's own rule labels the teacher's traces
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    seen, rows = set(), []
-    while len(rows) < args.problems + args.test_problems:
-        a, b = (int(rng.integers(10 ** (args.digits - 1), 10 ** args.digits)) for _ in range(2))
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        rows.append((a, b))
-    with (out / "raw.jsonl").open("w") as f:
-        for k, (a, b) in enumerate(rows[:args.problems]):
-            generations, labels = [], []
-            while len(generations) < args.max_tries and not any(labels):  # sample until right, as in the paper
-                trace, claimed = teacher_trace(a, b, rng)
-                generations.append(trace)
-                labels.append(claimed == a + b)
-            f.write(json.dumps({"problem": f"What is {a} + {b}?", "answer": str(a + b), "source": "demo",
-                                "problem_is_valid": "Yes", "generations": generations,
-                                "correctness": {"llama_verification": labels, "math_verify_answer": labels,
-                                                "math_verify_reparsed_answer": labels}}) + "\n")
-    with (out / "test.jsonl").open("w") as f:
-        for k, (a, b) in enumerate(rows[args.problems:]):
-            f.write(json.dumps({"id": k, "problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n")
-    tokenizer = demo_tokenizer()
+    pairs = set()
+    while len(pairs) < args.problems + args.test_problems:
+        pairs.add(tuple(int(x) for x in rng.integers(10 ** (args.digits - 1), 10 ** args.digits, 2)))
+    pairs = sorted(pairs, key=lambda _: rng.random())
+    rows = []
+    for a, b in pairs[:args.problems]:
+        generations, labels = [], []
+        while len(generations) < args.max_tries and not any(labels):  # sampled until right, as in the paper
+            trace, _ = teacher_trace(a, b, rng)
+            generations.append(trace)
+            labels.append(extract_answer(trace)[0] == str(a + b))
+        rows.append({"problem": f"What is {a} + {b}?", "answer": str(a + b), "source": "demo", "problem_is_valid": "Yes",
+                     "generations": generations, "correctness": {"llama_verification": labels,
+                                                                 "math_verify_answer": labels,
+                                                                 "math_verify_reparsed_answer": labels}})
+    (out / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "test.jsonl").write_text("".join(json.dumps({"id": k, "problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                                            for k, (a, b) in enumerate(pairs[args.problems:])))
+    texts = [SYSTEM_PROMPT, "system\n", "user\n", "assistant\n"] + [r["problem"] for r in rows] + \
+        [g for r in rows for g in r["generations"]]
+    tokenizer = demo_tokenizer(texts)
     demo_model(tokenizer, args.hidden_size, args.layers, seed=args.seed).save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    print(f"wrote {out / 'raw.jsonl'} ({args.problems} problems), {out / 'test.jsonl'} "
-          f"({args.test_problems}), {out / 'model'}")
+    n_traces = sum(len(r["generations"]) for r in rows)
+    n_right = sum(sum(r["correctness"]["llama_verification"]) for r in rows)
+    print(f"wrote {out / 'raw.jsonl'} ({args.problems:,} problems, {n_traces:,} teacher traces, {n_right / n_traces:.0%} "
+          f"right), {out / 'test.jsonl'} ({args.test_problems:,} held out), {out / 'model'} ({len(tokenizer)} tokens)")
+
 
 # -----------------------------------------------------------------------------
 
@@ -438,9 +472,9 @@ def main():
                    help="D_Pref: drop pairs with a longer chosen or rejected response (SPEC 1)")
     p = sub.add_parser("demo", help="offline toy corpus, held-out test set and tiny student model")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--problems", type=int, default=2000, help="training problems in raw.jsonl")
-    p.add_argument("--test-problems", type=int, default=200, help="held-out problems in test.jsonl")
-    p.add_argument("--digits", type=int, default=4, help="digits per addend")
+    p.add_argument("--problems", type=int, default=6000, help="training problems in raw.jsonl")
+    p.add_argument("--test-problems", type=int, default=400, help="held-out problems in test.jsonl")
+    p.add_argument("--digits", type=int, default=8, help="digits per addend")
     p.add_argument("--max-tries", type=int, default=4, help="teacher samples per problem, stopping at the first correct")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

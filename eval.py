@@ -7,6 +7,7 @@ pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" c
     torchrun --nproc_per_node 8 eval.py --model runs/redi/final --samples 16 --out runs/redi/eval16
     python eval.py --model demo/model --data demo/test.jsonl --max-new-tokens 512 --out runs/demo-eval
     python eval.py score runs/redi/eval/results.jsonl     # rebuild summary.json and the table from results alone
+    python eval.py report runs/sft runs/redi runs/dpo --out runs/report   # compare runs (table, plots)
 
 --out gets results.jsonl (one line per sample, appended as samples finish; a rerun with the same --out
 skips the samples already there), summary.json (per benchmark, plus the average) and config.json.
@@ -94,6 +95,11 @@ parser.add_argument("--out", required=True, help="output folder: results.jsonl, 
 
 score_parser = argparse.ArgumentParser(prog="eval.py score", description="rebuild summary.json from a results file")
 score_parser.add_argument("results", help="a results.jsonl written by eval.py; summary.json is written beside it")
+report_parser = argparse.ArgumentParser(prog="eval.py report", description="compare training runs: one table, "
+                                        "and Figure-6-style plots of accuracy, LogPS and update norm over steps")
+report_parser.add_argument("runs", nargs="+", help="run folders of sft.py/redi.py, each with eval/step_N/summary.json "
+                                                   "(eval.py --out RUN/eval/step_N on RUN/ckpt/step_N)")
+report_parser.add_argument("--out", required=True, help="writes report.md, report.json and report.png (with matplotlib)")
 
 # -----------------------------------------------------------------------------
 # problems
@@ -479,6 +485,74 @@ def write_summary(results_path):
 
 
 # -----------------------------------------------------------------------------
+# comparing runs
+
+
+def run_report(run):
+    """One run's evaluated checkpoints and training dynamics: {step: (pass@1, sem, pass@k)} and metrics.jsonl."""
+    evals = {}
+    for path in sorted(Path(run).glob("eval/step_*/summary.json")):
+        summary = json.loads(path.read_text())
+        s = next(v for k, v in summary.items() if k != "average") if len(summary) == 2 else summary["average"]
+        evals[int(path.parent.name.split("_")[1])] = (s["pass@1"], s.get("sem"), s["pass@k"])
+    if not evals:
+        die(f"{run} has no eval/step_N/summary.json: evaluate its checkpoints first")
+    metrics = list(iter_results(Path(run) / "metrics.jsonl")) if (Path(run) / "metrics.jsonl").exists() else []
+    return {"run": str(run), "evals": evals, "metrics": metrics}
+
+
+def report(args):
+    """The table: the last checkpoint's pass@1 +- SEM and pass@k per run; LogPS at the first and last step;
+    the largest update; the first step flagged as collapse. Runs of the same name from several seeds (one folder
+    per seed) are also averaged: mean and standard deviation over seeds of the final pass@1."""
+    runs = [run_report(r) for r in args.runs]
+    lines = ["| run | pass@1 | pass@k | chosen LogPS | rejected LogPS | max update norm | collapse |", "|---" * 7 + "|"]
+    for r in runs:
+        step = max(r["evals"])
+        acc, sem, at_k = r["evals"][step]
+        k = max(at_k, key=int)
+        m = r["metrics"]
+        logps = lambda key: f"{m[0][key]:.3f} -> {m[-1][key]:.3f}" if m and key in m[0] else ""  # noqa: E731
+        collapse = next((str(x["step"]) for x in m if x.get("collapse")), "no" if m and "collapse" in m[0] else "")
+        lines.append(f"| {r['run']} (step {step}) | {acc:.1%} +- {sem or 0:.1%} | @{k} {at_k[k]:.1%} | "
+                     f"{logps('chosen_logps_per_token')} | {logps('rejected_logps_per_token')} | "
+                     f"{max((x['update_norm'] for x in m if 'update_norm' in x), default=float('nan')):.3g} | {collapse} |")
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(Path(r["run"]).name, []).append(r["evals"][max(r["evals"])][0])
+    if any(len(v) > 1 for v in by_name.values()):
+        lines += ["", "| run | seeds | final pass@1, mean +- std over seeds |", "|---|---|---|"]
+        lines += [f"| {name} | {len(v)} | {np.mean(v):.1%} +- {np.std(v):.1%} |" for name, v in by_name.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(runs, indent=1) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("(matplotlib is not installed: no plots)")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for r in runs:
+        steps = sorted(r["evals"])
+        axes[0].plot(steps, [r["evals"][s][0] for s in steps], marker="o", label=r["run"])
+        m = [x for x in r["metrics"] if "chosen_logps_per_token" in x]
+        for ax, key in zip(axes[1:], ("chosen_logps_per_token", "rejected_logps_per_token", "update_norm")):
+            ax.plot([x["step"] for x in m], [x[key] for x in m], label=r["run"])
+    for ax, title in zip(axes, ("pass@1 of checkpoints", "chosen LogPS (per token)", "rejected LogPS (per token)",
+                                "update norm |theta_t+1 - theta_t|")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[3].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=80)
+    print(f"plots: {out / 'report.png'}")
+
+
+# -----------------------------------------------------------------------------
 
 
 def load_for_generation(args, device):
@@ -580,6 +654,8 @@ def main():
         if not Path(args.results).is_file():
             die(f"{args.results!r} is not a file (expected a results.jsonl written by eval.py)")
         write_summary(args.results)
+    elif sys.argv[1:2] == ["report"]:
+        report(report_parser.parse_args(sys.argv[2:]))
     else:
         run(parser.parse_args())
 
