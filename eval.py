@@ -498,7 +498,12 @@ def run_report(run):
     if not evals:
         die(f"{run} has no eval/step_N/summary.json: evaluate its checkpoints first")
     metrics = list(iter_results(Path(run) / "metrics.jsonl")) if (Path(run) / "metrics.jsonl").exists() else []
-    return {"run": str(run), "evals": evals, "metrics": metrics}
+    # Step 0 is the starting model: when it is an evaluated checkpoint of another run, take its accuracy.
+    start = Path(json.loads((Path(run) / "config.json").read_text())["model"]).resolve() \
+        if (Path(run) / "config.json").exists() else None
+    if start and (start.parent.parent / "eval" / start.name / "summary.json").exists() and 0 not in evals:
+        evals[0] = run_report(start.parent.parent)["evals"][int(start.name.split("_")[1])]
+    return {"run": str(run), "evals": dict(sorted(evals.items())), "metrics": metrics}
 
 
 def report(args):
@@ -536,9 +541,11 @@ def report(args):
         return print("(matplotlib is not installed: no plots)")
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for r in runs:
+        m = [x for x in r["metrics"] if "chosen_logps_per_token" in x]
+        if not m:  # an SFT run: its last accuracy is step 0 of the runs that start from it
+            continue
         steps = sorted(r["evals"])
         axes[0].plot(steps, [r["evals"][s][0] for s in steps], marker="o", label=r["run"])
-        m = [x for x in r["metrics"] if "chosen_logps_per_token" in x]
         for ax, key in zip(axes[1:], ("chosen_logps_per_token", "rejected_logps_per_token", "update_norm")):
             ax.plot([x["step"] for x in m], [x[key] for x in m], label=r["run"])
     for ax, title in zip(axes, ("pass@1 of checkpoints", "chosen LogPS (per token)", "rejected LogPS (per token)",

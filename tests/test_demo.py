@@ -1,0 +1,35 @@
+"""run.sh demo at a reduced size: the whole pipeline (data.py demo and prepare, sft.py, six redi.py runs,
+eval.py on every checkpoint, eval.py report) completes, and the table comes from the real runs' files."""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT, read_jsonl
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "OUT": str(out), "PROBLEMS": "600", "TEST": "16", "SFT_EPOCHS": "1", "SAMPLES": "2",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "run.sh", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = ["a_sft", "b_redi", "c_sym_high", "d_redi_high", "e_dpo", "f_simpo"]
+    table = (out / "report.md").read_text()
+    for run in ["sft"] + [f"seed0/{r}" for r in runs]:
+        folder = out / run
+        last = max(folder.glob("eval/step_*"))
+        summary = json.loads((last / "summary.json").read_text())["test"]
+        results = read_jsonl(last / "results.jsonl")
+        assert len(results) == 16 * 2 and summary["pass@1"] == sum(r["correct"] for r in results) / 32
+        row = next(line for line in table.splitlines() if line.startswith(f"| {folder} (step {int(last.name[5:])})"))
+        assert f"{summary['pass@1']:.1%} +- {summary['sem']:.1%}" in row  # the table shows the run's own numbers
+        if run != "sft":
+            metrics = read_jsonl(folder / "metrics.jsonl")
+            assert f"{metrics[0]['chosen_logps_per_token']:.3f} -> {metrics[-1]['chosen_logps_per_token']:.3f}" in row
+            assert (folder / "final").resolve() == folder / "ckpt" / f"step_{metrics[-1]['step']:06d}"
+    # every stage-2 run starts from the same SFT checkpoint: the same LogPS at its first step
+    first = {r: read_jsonl(out / "seed0" / r / "metrics.jsonl")[0]["chosen_logps_per_token"] for r in runs}
+    assert max(first.values()) - min(first.values()) < 1e-4
+    assert re.search(r"\| .*e_dpo .*\| \d", table)
