@@ -85,3 +85,20 @@ torchrun --nproc_per_node $NGPU sft.py --model $BASE --data $OUT/data/sft.jsonl 
 # every 100 steps (the paper evaluates checkpoints and keeps the best)
 torchrun --nproc_per_node $NGPU redi.py --model $OUT/sft/final --data $OUT/data/pref.jsonl --out $OUT/$RUN2 \
     $STAGE2 --grad-checkpointing --save-every 100
+
+# Intermediate evals (SPEC 4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
+# checkpoint; the report's table and plots show which checkpoint is best
+SFT_CKPT=$(readlink -f $OUT/sft/final)
+torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT --benchmark math500 --samples 4 \
+    --out $OUT/sft/eval/$(basename $SFT_CKPT)
+for CKPT in $OUT/$RUN2/ckpt/step_*; do
+    torchrun --nproc_per_node $NGPU eval.py --model $CKPT --benchmark math500 --samples 4 \
+        --out $OUT/$RUN2/eval/$(basename $CKPT)
+done
+python eval.py report $OUT/sft $OUT/$RUN2 --out $OUT/$RUN2
+
+# Final evals (SPEC 4): five benchmarks, 16 samples, pass@1 +- SEM and pass@16. BEST defaults to the
+# last checkpoint; set it to the best one from the report.
+BEST=${BEST:-$OUT/$RUN2/final}
+torchrun --nproc_per_node $NGPU eval.py --model $BEST --benchmark math500 aime24 amc23 minerva olympiadbench \
+    --samples 16 --out $OUT/$RUN2/eval_final
