@@ -121,7 +121,8 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
 
 def _chunk_logps(hidden, weight, bias, targets):
     logits = F.linear(hidden, weight, bias).float()  # (N, V): one chunk only
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    # log p(target) = -cross-entropy: one fused kernel, fewer passes over (N, V) than gather - logsumexp
+    return -F.cross_entropy(logits, targets, reduction="none")
 
 
 class TokenLogprobs(nn.Module):
@@ -134,7 +135,7 @@ class TokenLogprobs(nn.Module):
     gathers a module's parameters only when that module is called, and this wrapper is the root.
     """
 
-    def __init__(self, lm, chunk_size=1024):
+    def __init__(self, lm, chunk_size=256):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
@@ -164,7 +165,7 @@ class TokenLogprobs(nn.Module):
         return F.pad(logps, (1, 0))  # (B, T), aligned with input_ids
 
 
-def shard_model(lm, device, chunk_size=1024, grad_checkpointing=False):
+def shard_model(lm, device, chunk_size=256, grad_checkpointing=False):
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). GPUs compute in
     bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32."""
     if grad_checkpointing:
@@ -194,7 +195,7 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # one kernel for all parameters
 
 
 def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
@@ -248,7 +249,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g.add_argument("--seed", type=int, default=0, help="data order")
     g = parser.add_argument_group("memory")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
-    g.add_argument("--logprob-chunk", type=int, default=1024, help="tokens per LM-head chunk (bounds the logits' memory)")
+    g.add_argument("--logprob-chunk", type=int, default=256,
+                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB (bench.py: 1,024 cost 1.7 GB more, no faster)")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")

@@ -163,15 +163,26 @@ def stop_token_ids(tokenizer):
     return sorted({tokenizer.eos_token_id} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab} - {None})
 
 
-def sample_top_p(logits, u, temperature, top_p):
-    """logits (B, V), u (B,) uniform in [0, 1): one token per row, drawn by inverse CDF from softmax(logits / T)
-    restricted to the nucleus: the most likely tokens, each kept while the mass before it is below top_p."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+def _draw(probs, order, u, top_p):
+    """probs (B, K) sorted descending, order (B, K) their token ids: the inverse-CDF draw from the nucleus."""
     probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # the top token always stays
-    cdf = probs.cumsum(-1)  # (B, V), ends at the nucleus' mass
+    cdf = probs.cumsum(-1)  # (B, K), ends at the nucleus' mass
     k = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)  # (B,)
     return order.gather(1, k[:, None]).squeeze(1)
+
+
+def sample_top_p(logits, u, temperature, top_p, prefilter=1024):
+    """logits (B, V), u (B,) uniform in [0, 1): one token per row, drawn by inverse CDF from softmax(logits / T)
+    restricted to the nucleus: the most likely tokens, each kept while the mass before it is below top_p.
+    A trained model's nucleus lies within its few most likely tokens, so only the top `prefilter` are sorted;
+    a row whose top tokens hold less than top_p is drawn from a full sort. Either way the same draw."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    top, order = probs.topk(min(prefilter, probs.shape[-1]), dim=-1)  # (B, K), sorted
+    token = _draw(top, order, u, top_p)
+    short = top.sum(-1) < top_p
+    if short.any():
+        token[short] = _draw(*probs[short].sort(dim=-1, descending=True), u[short], top_p)
+    return token
 
 
 class Sampler:

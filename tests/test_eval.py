@@ -89,6 +89,19 @@ def test_sample_top_p_matches_hf_nucleus():
         assert torch.allclose(observed, expected, atol=1e-3)
 
 
+def test_top_p_prefilter_draws_what_a_full_sort_draws():
+    """Peaked rows (nucleus inside the top 64) take the fast path, flat rows the full sort: the draws match."""
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(3, 5000) * 8, torch.randn(2, 5000) * 0.1])  # 3 peaked rows, 2 flat ones
+    u = torch.rand(200)
+    for row in logits:
+        rows = row.expand(len(u), -1)
+        full = ev.sample_top_p(rows, u, 0.6, 0.95, prefilter=5000)
+        assert torch.equal(ev.sample_top_p(rows, u, 0.6, 0.95, prefilter=64), full)
+    probs = torch.softmax(logits / 0.6, -1).topk(64).values.sum(-1)
+    assert (probs[:3] >= 0.95).all() and (probs[3:] < 0.95).all()  # both paths were exercised
+
+
 def test_a_sample_does_not_depend_on_its_batch(tmp_path):
     """Seeded per (problem, sample): alone or among other prompts of other lengths, a sample's tokens agree."""
     tok = demo_tokenizer()

