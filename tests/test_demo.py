@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT, read_jsonl
@@ -12,7 +13,8 @@ from conftest import ROOT, read_jsonl
 def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OUT": str(out), "PROBLEMS": "600", "TEST": "16", "SFT_EPOCHS": "1", "SAMPLES": "2",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # run.sh calls `python`: this one
     proc = subprocess.run(["bash", "run.sh", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = ["a_sft", "b_redi", "c_sym_high", "d_redi_high", "e_dpo", "f_simpo"]
