@@ -79,6 +79,8 @@ parser.add_argument("--quick", action="store_true", help="smoke run: short seque
 parser.add_argument("--hidden", type=int, default=256, help="hidden size (the issue asks for 256-512)")
 parser.add_argument("--layers", type=int, default=4, help="decoder layers")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
+parser.add_argument("--logprob-chunk", type=int, default=None,
+                    help="project only: tokens per LM-head chunk (sft.py's default if unset; >= the sequence length builds the whole logits tensor, the naive way)")
 # the data
 parser.add_argument("--seq-len", type=int, default=4096, help="case (i): tokens per sequence")
 parser.add_argument("--min-len", type=int, default=512, help="case (ii): the shortest sequence")
@@ -154,7 +156,8 @@ def project_worker(objective, examples, setup, device):
     from data import collate
     from redi import collate_pairs, dpo_loss, pair_logps, redi_loss, reference_logps
     init_dist()
-    model = shard_model(load_model(setup["model_dir"]), device, grad_checkpointing=setup["grad_checkpointing"])
+    chunk = {"chunk_size": setup["logprob_chunk"]} if setup["logprob_chunk"] else {}
+    model = shard_model(load_model(setup["model_dir"]), device, grad_checkpointing=setup["grad_checkpointing"], **chunk)
     model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
     optimizer = make_optimizer(model, LR, WEIGHT_DECAY)
     mb, pad_id = setup["micro_batch"], setup["pad_id"]
