@@ -120,7 +120,8 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
 
 
 def _chunk_logps(hidden, weight, bias, targets):
-    logits = F.linear(hidden, weight, bias).float()  # (N, V): one chunk only
+    logits = F.linear(hidden, weight, bias)  # (N, V): one chunk only
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 upcast; fp32 (fp64 in tests) kept
     # log p(target) = -cross-entropy: one fused kernel, fewer passes over (N, V) than gather - logsumexp
     return -F.cross_entropy(logits, targets, reduction="none")
 
@@ -142,7 +143,8 @@ class TokenLogprobs(nn.Module):
 
     def forward(self, input_ids, attention_mask, loss_mask):
         """input_ids, attention_mask, loss_mask: (B, T); loss_mask is 1 on response tokens.
-        Returns (B, T) float32: at position t the log-prob of token t if loss_mask[:, t], else 0."""
+        Returns (B, T) float32 (float64 for a float64 model): at position t the log-prob of token t if
+        loss_mask[:, t], else 0."""
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: lets SDPA use its fastest causal kernel
         assert not loss_mask[:, 0].any(), "token 0 has no prediction: every sequence starts with a prompt"
@@ -159,7 +161,8 @@ class TokenLogprobs(nn.Module):
                 chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 chunks.append(_chunk_logps(*args))
-        logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logps = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)  # (B, T-1)
         if chunks:
             logps = logps.masked_scatter(mask, torch.cat(chunks))
         return F.pad(logps, (1, 0))  # (B, T), aligned with input_ids
