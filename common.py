@@ -55,13 +55,6 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of python numbers over ranks (called on every rank). Returns a list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def peak_memory_gb(device):
     """GPU: allocator peak since start. CPU: the process's peak resident set (Linux reports KiB)."""
     if device.type == "cuda":
@@ -127,7 +120,8 @@ def _chunk_logps(hidden, weight, bias, targets):
 
 
 class TokenLogprobs(nn.Module):
-    """Wraps a causal LM so that forward returns log pi(x_t | x_<t) at the masked positions only.
+    """Wraps a causal LM so that forward returns log pi(y_t | x, y_<t) for the response tokens of a packed
+    batch (data.Packed) only.
 
     Memory by design: the decoder runs once; the LM head then runs on response positions only, in
     chunks of `chunk_size` tokens, each under activation checkpointing, so neither forward nor
@@ -141,45 +135,50 @@ class TokenLogprobs(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, loss_mask):
-        """input_ids, attention_mask, loss_mask: (B, T); loss_mask is 1 on response tokens.
-        Returns (B, T) float32 (float64 for a float64 model): at position t the log-prob of token t if
-        loss_mask[:, t], else 0."""
-        if bool(attention_mask.all()):
-            attention_mask = None  # no padding: lets SDPA use its fastest causal kernel
-        assert not loss_mask[:, 0].any(), "token 0 has no prediction: every sequence starts with a prompt"
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state  # (B, T, H)
-        mask = loss_mask[:, 1:].bool()  # (B, T-1): is token t+1 a response token?
-        h = hidden[:, :-1][mask]  # (N, H): the hidden state at t predicts token t+1
-        targets = input_ids[:, 1:][mask]  # (N,)
+    def forward(self, input_ids, position_ids, pred_at, targets):
+        """input_ids, position_ids: (1, N); pred_at, targets: (R,) as in data.Packed. Returns (R,) float32
+        (float64 for a float64 model): the log-prob of each response token."""
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
+                               use_cache=False).last_hidden_state[0]  # (N, H)
+        h = hidden.index_select(0, pred_at)  # (R, H): the hidden state at t predicts token t + 1
         head = self.lm.get_output_embeddings()
         chunks = []
-        for i in range(0, h.shape[0], self.chunk_size):
+        for i in range(0, h.shape[0], self.chunk_size):  # R is known on the host: no wait on the device
             args = (h[i:i + self.chunk_size], head.weight, head.bias, targets[i:i + self.chunk_size])
             if torch.is_grad_enabled():
                 chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
                 chunks.append(_chunk_logps(*args))
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        logps = torch.zeros(mask.shape, dtype=dtype, device=hidden.device)  # (B, T-1)
-        if chunks:
-            logps = logps.masked_scatter(mask, torch.cat(chunks))
-        return F.pad(logps, (1, 0))  # (B, T), aligned with input_ids
+        return torch.cat(chunks)  # (R,)
 
 
-def shard_model(lm, device, chunk_size=256, grad_checkpointing=False):
+def sequence_logps(model, batch):
+    """lp(y) of each sequence of a packed batch: (S,) sums of its response tokens' log-probs."""
+    token_logps = model(batch.input_ids, batch.position_ids, batch.pred_at, batch.targets)  # (R,)
+    return token_logps.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, token_logps)  # (S,)
+
+
+def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=False):
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). GPUs compute in
-    bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32."""
+    bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32. With `compile`, each
+    decoder layer is compiled on its own before sharding (the layers are identical, so one graph serves
+    all of them, and FSDP's hooks stay outside the compiled code)."""
     if grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        for layer in lm.model.layers:
+            layer.compile(dynamic=True)  # packed rows change length every micro-batch
     model = TokenLogprobs(lm, chunk_size)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
-    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
+    # On one rank nothing is sharded, so keeping the gathered (bf16) weights from forward to backward
+    # costs no memory and saves re-casting them in backward; on several, each layer frees its gathered
+    # weights after its forward (ZeRO-3). The root is needed again at once by the backward: kept.
     for layer in lm.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     # Losses are normalised by global counts (tokens or pairs) in the training scripts, so the
     # gradient must be the plain sum over ranks, not FSDP's default average.
     for unit in [*lm.model.layers, model]:  # the setting is per FSDP unit
@@ -213,18 +212,38 @@ def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
 def clip_and_step(model, optimizer, lr, max_grad_norm):
     """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the gradient
     norm before clipping and the norm of the update theta_{t+1} - theta_t over all parameters (the
-    paper's "gradient update size", Figures 3-7), both global."""
+    paper's "gradient update size", Figures 3-7), both global, as 0-d tensors on the device: nothing
+    here waits for the device (the foreach ops launch a few kernels for all ~340 tensors)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # this rank's
-    before = [p.detach().clone() for p in shards]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    update_sq = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(shards, before))
-    return grad_norm.item(), math.sqrt(all_reduce_sum([update_sq], grad_norm.device)[0])
+    with torch.no_grad():
+        delta = torch._foreach_mul(shards, 1.0)  # a copy of theta_t
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch._foreach_sub_(delta, shards)  # theta_t - theta_{t+1}, in place
+        update_sq = torch.stack(torch._foreach_norm(delta)).float().pow(2).sum()
+    del delta
+    dist.all_reduce(update_sq)  # sum over ranks' shards
+    return grad_norm, update_sq.sqrt()
+
+
+def global_sum(values, device):
+    """Sum 0-d tensors (or numbers) over ranks in one collective; called on every rank. Returns a
+    (len(values),) float64 tensor on the device (no wait for it)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(t)
+    return t
+
+
+def to_host(stats, device):
+    """A step's statistics, {name: 0-d tensor or number}, to {name: float} with one device-to-host copy:
+    the step's only wait on the device."""
+    values = torch.stack([torch.as_tensor(v, device=device).double() for v in stats.values()]).tolist()
+    return dict(zip(stats, values))
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +260,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
     g = parser.add_argument_group("optimisation (AdamW, SPEC 2)")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate (default: %(default)s)" if lr else "peak learning rate (default: see --loss)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--warmup-frac", type=float, default=0.1, help="linear warmup over this share of the steps, then linear decay to 0")
     g.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
@@ -253,7 +273,11 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g = parser.add_argument_group("memory")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     g.add_argument("--logprob-chunk", type=int, default=256,
-                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB (bench.py: 1,024 cost 1.7 GB more, no faster)")
+                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB (bench.py on CPU: 1,024 cost 1.7 GB "
+                        "more, no faster; on a GPU larger chunks mean fewer launches)")
+    g = parser.add_argument_group("speed")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (GPU; the first steps are slow while it compiles)")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
@@ -274,7 +298,7 @@ def build_model(args, device):
     lm = load_model(args.model, args.max_position_embeddings, args.rope_theta, args.attn_implementation,
                     args.trust_remote_code)
     n_params = sum(p.numel() for p in lm.parameters())
-    model = shard_model(lm, device, args.logprob_chunk, args.grad_checkpointing)
+    model = shard_model(lm, device, args.logprob_chunk, args.grad_checkpointing, args.compile)
     return model, make_optimizer(model, args.lr, args.weight_decay), n_params
 
 
@@ -311,7 +335,7 @@ def end_step(args, step, total_steps, record, line, model, optimizer, tokenizer,
 
 def check_finite(loss, step, out_dir):
     if not math.isfinite(loss):
-        die(f"the loss is {loss} at step {step}; stopping before the optimiser step so no checkpoint is "
+        die(f"the loss is {loss} at step {step}; stopping before any checkpoint of this step is written, so none is "
             f"corrupted (latest good checkpoint: {latest_checkpoint(out_dir) or 'none'}). "
             "Lower the learning rate or check the data.")
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -119,34 +120,57 @@ def read_jsonl(path, fields):
 
 def batch_for_step(step, n_examples, batch_size, seed):
     """Example indices of the global batch for optimiser step `step` (0-based). Each epoch visits a
-    fresh permutation; the last partial batch of an epoch is dropped (SPEC 3: 53,175 // 32 = 1,661
-    steps). A pure function of its arguments, so resuming at a step needs no saved data position."""
+    fresh permutation; the last partial batch of an epoch is dropped (PAPER.md §3: 53,175 // 32 = 1,661
+    steps). A pure function of its arguments, so resuming at a step needs no saved data position.
+    The generator is seeded with the pair (seed, epoch): every (seed, epoch) gets its own stream, so two
+    seeds never share an epoch's order (seeding with seed + epoch would make seed 1's first epoch seed 0's second)."""
     per_epoch = n_examples // batch_size
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng(seed + epoch).permutation(n_examples)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_examples)
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
 def micro_batches(indices, lengths, micro_batch_size, rank, world_size):
-    """This rank's micro-batches of one global batch. Sorting by length before cutting keeps padding
-    low; dealing the cuts out round-robin gives every rank a similar mix of lengths."""
+    """This rank's micro-batches of one global batch. Sorting by length before cutting gives each
+    micro-batch sequences of similar length; dealing the cuts out round-robin gives every rank a similar
+    mix of lengths, so no rank waits long for the others at the step's collectives."""
     order = sorted(indices, key=lambda i: lengths[i])
     cuts = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     return cuts[rank::world_size]
 
 
-def collate(sequences, pad_id):
-    """sequences: list of (input_ids, n_prompt). Right-pads to the longest. Returns input_ids,
-    attention_mask and loss_mask, each (B, T) long; loss_mask is 1 on response tokens."""
-    T = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for b, (ids, n_prompt) in enumerate(sequences):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        attention_mask[b, :len(ids)] = 1
-        loss_mask[b, n_prompt:len(ids)] = 1
-    return input_ids, attention_mask, loss_mask
+class Packed(NamedTuple):
+    """Sequences laid end to end in one row: no padding, so no position is computed for nothing. Attention
+    stays within each sequence because position_ids restart at 0 where a sequence starts: from them
+    transformers builds a block-diagonal causal mask (sdpa, eager, flex_attention) or calls its
+    variable-length kernel (flash_attention_2). The response positions are found here, on the host, so the
+    forward needs no data-dependent indexing (each such index would wait on the device)."""
+    input_ids: torch.Tensor     # (1, N) the S sequences, concatenated
+    position_ids: torch.Tensor  # (1, N) 0, 1, ... within each sequence
+    pred_at: torch.Tensor       # (R,) positions t whose next token t + 1 is a response token
+    targets: torch.Tensor       # (R,) that next token
+    seq_of: torch.Tensor        # (R,) which of the S sequences it belongs to
+    lengths: torch.Tensor       # (S,) response tokens per sequence: |y|
+
+    def to(self, device):
+        return Packed(*(t.to(device, non_blocking=True) for t in self))
+
+
+def pack(sequences):
+    """sequences: list of (input_ids, n_prompt), the response being input_ids[n_prompt:]. Returns a Packed."""
+    ids, positions, pred_at, seq_of, lengths = [], [], [], [], []
+    for s, (tokens, n_prompt) in enumerate(sequences):
+        assert 1 <= n_prompt < len(tokens), "a sequence needs a prompt token and a response token"
+        start = len(ids)
+        ids += tokens
+        positions += range(len(tokens))
+        pred_at += range(start + n_prompt - 1, start + len(tokens) - 1)
+        seq_of += [s] * (len(tokens) - n_prompt)
+        lengths.append(len(tokens) - n_prompt)
+    ids = torch.tensor([ids])
+    pred_at = torch.tensor(pred_at)
+    return Packed(ids, torch.tensor([positions]), pred_at, ids[0, pred_at + 1], torch.tensor(seq_of),
+                  torch.tensor(lengths))
 
 
 # -----------------------------------------------------------------------------

@@ -1,69 +1,124 @@
-"""Stage 2: REDI on (problem, correct trace, incorrect trace) triplets, D_Pref (SPEC 3), with DPO and
+"""Stage 2: REDI on (problem, correct trace, incorrect trace) triplets, D_Pref (PAPER.md §3), with DPO and
 SimPO beside it as baselines. Initialised from the SFT checkpoint.
 
-    python redi.py --model runs/sft/final --data data/pref.jsonl --out runs/redi            # alpha 0.8
+    python redi.py --model runs/sft/final --data data/pref.jsonl --out runs/redi            # alpha 0.8, LR 1e-6
     torchrun --nproc_per_node 8 redi.py --model runs/sft/final --data data/pref.jsonl --out runs/redi
-    ... --alpha 1.0                                   # symmetric REDI (Eq. 4)
-    ... --loss dpo --lr 2e-7                          # DPO, beta 0.001 (Eq. 2)
-    ... --loss simpo --lr 5e-7                        # SimPO, beta 2, gamma 1 (Eq. 3)
+    ... --alpha 1.0                    # symmetric REDI (Eq. 4)
+    ... --loss dpo                     # DPO (Eq. 2): beta 0.001, LR 2e-7, the paper's best
+    ... --loss simpo                   # SimPO (Eq. 3): beta 2, gamma 1, LR 5e-7, the paper's best
 Resume after a crash with the same command plus --resume.
 
 Notation: lp(y) = sum over the response tokens of log pi(y_t | x, y_<t); |y| = response length.
+A new objective is one loss function and one entry in OBJECTIVES; its flags, LR default, reference
+log-probs and logging follow from the entry.
 """
 import argparse
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (StepTimer, accumulation_steps, add_training_args, all_reduce_sum, build_model, check_finite,
-                    cleanup, clip_and_step, die, end_step, init_dist, load_tokenizer, lr_at, peak_memory_gb,
-                    print0, start_run)
-from data import batch_for_step, check_chat_template, collate, encode_chats, micro_batches, read_jsonl
-
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", required=True, help="the SFT checkpoint to start from (folder or Hub id)")
-parser.add_argument("--data", required=True, help="pref.jsonl from `data.py prepare` (problem, chosen, rejected)")
-parser.add_argument("--loss", choices=["redi", "dpo", "simpo"], default="redi")
-parser.add_argument("--alpha", type=float, default=0.8, help="REDI: weight of the rejected term (SPEC 3: 0.8; 1.0 = symmetric)")
-parser.add_argument("--beta", type=float, default=None,
-                    help="DPO: 0.001 (best of 0.001/0.01/0.1), SimPO: 2.0 by default (SPEC 3; SimPO's other: beta 10, gamma 5)")
-parser.add_argument("--gamma", type=float, default=1.0, help="SimPO target margin (SPEC 3)")
-parser.add_argument("--max-prompt-length", type=int, default=800,
-                    help="longer prompts keep their last tokens, as the authors' keep_end truncation (SPEC 3)")
-parser.add_argument("--max-response-length", type=int, default=19000, help="longer responses keep their first tokens (SPEC 3)")
-parser.add_argument("--ref-cache", default=None,
-                    help="DPO: file for the reference log-probs (default: beside --data, named by a hash of model and data)")
-parser.add_argument("--collapse-drop", type=float, default=0.5,
-                    help="collapse warning: chosen and rejected LogPS both this many nats/token below their start ...")
-parser.add_argument("--collapse-surge", type=float, default=3.0,
-                    help="... while update_norm / lr exceeds this multiple of its median so far")
-# SPEC 3: REDI final run alpha 0.8 at LR 1e-6; one epoch over D_Pref, 32 pairs per step (1,661 steps)
-add_training_args(parser, lr=1e-6, epochs=1, batch_size=32, save_every=100)
-
+from common import (StepTimer, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
+                    clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, peak_memory_gb,
+                    print0, sequence_logps, start_run, to_host)
+from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
 
 # -----------------------------------------------------------------------------
 # the objectives: per-pair tensors (B,) in, per-pair losses (B,) out
 
 
-def redi_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, alpha):
+class Pairs(NamedTuple):
+    """What every objective is written in: per-pair quantities of a micro-batch, each (B,)."""
+    chosen_logps: torch.Tensor    # lp(y_w)
+    rejected_logps: torch.Tensor  # lp(y_l)
+    chosen_lens: torch.Tensor     # |y_w|
+    rejected_lens: torch.Tensor   # |y_l|
+    ref_chosen_logps: torch.Tensor = None    # lp_ref(y_w): only for objectives that need a reference
+    ref_rejected_logps: torch.Tensor = None  # lp_ref(y_l)
+
+
+def redi_loss(p, alpha):
     """Eq. 5: length-normalised likelihood of the correct trace up, alpha times that of the incorrect
     trace down. alpha = 1 is symmetric REDI (Eq. 4); alpha = 0 is SFT on the chosen trace."""
-    return -chosen_logps / chosen_lens + alpha * rejected_logps / rejected_lens
+    return -p.chosen_logps / p.chosen_lens + alpha * p.rejected_logps / p.rejected_lens
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def dpo_loss(p, beta):
     """Eq. 2, against the reference (the starting SFT model)."""
-    return -F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))
+    return -F.logsigmoid(beta * ((p.chosen_logps - p.ref_chosen_logps) - (p.rejected_logps - p.ref_rejected_logps)))
 
 
-def simpo_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, beta, gamma):
+def simpo_loss(p, beta, gamma):
     """Eq. 3, pure SimPO (no extra NLL term)."""
-    return -F.logsigmoid(beta * (chosen_logps / chosen_lens - rejected_logps / rejected_lens) - gamma)
+    return -F.logsigmoid(beta * (p.chosen_logps / p.chosen_lens - p.rejected_logps / p.rejected_lens) - gamma)
+
+
+def normalised_margin(p):
+    """Per-token log-prob of the chosen trace minus that of the rejected one."""
+    return p.chosen_logps / p.chosen_lens - p.rejected_logps / p.rejected_lens
+
+
+def reference_margin(p):
+    """DPO's implicit reward margin (over beta): how much more the chosen trace gained than the rejected."""
+    return (p.chosen_logps - p.ref_chosen_logps) - (p.rejected_logps - p.ref_rejected_logps)
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable          # (Pairs, **hparams) -> (B,) per-pair losses
+    margin: Callable        # (Pairs) -> (B,): logged as "margin"; "reward_accuracy" = share of pairs above 0
+    hparams: dict           # its hyperparameters, each a --flag, with the paper's values as defaults
+    lr: float               # the default peak LR: the paper's setting for this objective
+    needs_reference: bool = False  # lp_ref of the starting model, computed once before training
+
+
+OBJECTIVES = {  # PAPER.md §3
+    "redi": Objective(redi_loss, normalised_margin, {"alpha": 0.8}, lr=1e-6),  # the final Qwen-REDI-1.5B run
+    "dpo": Objective(dpo_loss, reference_margin, {"beta": 0.001}, lr=2e-7, needs_reference=True),  # best of beta 1e-3/1e-2/1e-1
+    "simpo": Objective(simpo_loss, normalised_margin, {"beta": 2.0, "gamma": 1.0}, lr=5e-7),  # best; also (10, 5, 3e-7)
+}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", required=True, help="the SFT checkpoint to start from (folder or Hub id)")
+parser.add_argument("--data", required=True, help="pref.jsonl from `data.py prepare` (problem, chosen, rejected)")
+parser.add_argument("--loss", choices=OBJECTIVES, default="redi", help="the objective (default: %(default)s)")
+for _name in dict.fromkeys(h for o in OBJECTIVES.values() for h in o.hparams):
+    _defaults = ", ".join(f"{k} {o.hparams[_name]}" for k, o in OBJECTIVES.items() if _name in o.hparams)
+    parser.add_argument(f"--{_name}", type=float, default=None, help=f"default: {_defaults} (PAPER.md §3)")
+parser.add_argument("--max-prompt-length", type=int, default=800,
+                    help="longer prompts keep their last tokens, as the authors' keep_end truncation (PAPER.md §3)")
+parser.add_argument("--max-response-length", type=int, default=19000,
+                    help="longer responses keep their first tokens (PAPER.md §3)")
+parser.add_argument("--ref-cache", default=None,
+                    help="reference log-probs file (default: beside --data, named by a hash of model and data)")
+parser.add_argument("--collapse-drop", type=float, default=0.5,
+                    help="collapse warning: chosen and rejected LogPS both this many nats/token below their start ...")
+parser.add_argument("--collapse-surge", type=float, default=3.0,
+                    help="... while update_norm / lr exceeds this multiple of its median so far")
+# PAPER.md §3: one epoch over D_Pref, 32 pairs per step (1,661 steps); the LR follows --loss
+add_training_args(parser, lr=None, epochs=1, batch_size=32, save_every=100)
+
+
+def resolve_objective(args):
+    """The chosen objective, with its unset hyperparameters and LR at their defaults. A hyperparameter
+    flag that the objective does not take is an error, not silently ignored."""
+    objective = OBJECTIVES[args.loss]
+    for name in dict.fromkeys(h for o in OBJECTIVES.values() for h in o.hparams):
+        if name not in objective.hparams and getattr(args, name) is not None:
+            parser.error(f"--{name} does not apply to --loss {args.loss} (its hyperparameters: "
+                         f"{', '.join('--' + h for h in objective.hparams) or 'none'})")
+    for name, default in objective.hparams.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.lr is None:
+        args.lr = objective.lr
+    return objective
 
 
 # -----------------------------------------------------------------------------
@@ -98,21 +153,20 @@ def load_pairs(path, tokenizer, max_prompt, max_response):
     return pairs
 
 
-def collate_pairs(pairs, pad_id):
-    """B pairs -> 2B sequences in one batch, chosen first: rows [0, B) chosen, [B, 2B) rejected."""
-    return collate([(p + w, len(p)) for p, w, _ in pairs] + [(p + l, len(p)) for p, _, l in pairs], pad_id)
+def pack_pairs(pairs):
+    """B pairs -> one packed row of 2B sequences: prompt + chosen, then prompt + rejected, pair by pair."""
+    return pack([seq for p, w, l in pairs for seq in ((p + w, len(p)), (p + l, len(p)))])
 
 
-def pair_logps(model, input_ids, attention_mask, loss_mask, device):
-    """One forward for chosen and rejected together. Returns lp(y_w), lp(y_l), |y_w|, |y_l|, each (B,)."""
-    logps = model(input_ids.to(device), attention_mask.to(device), loss_mask.to(device))  # (2B, T)
-    lp, lens = logps.sum(-1), loss_mask.to(device).sum(-1).float()  # (2B,)
-    B = input_ids.shape[0] // 2
-    return lp[:B], lp[B:], lens[:B], lens[B:]
+def pair_logps(model, batch):
+    """One forward for the chosen and rejected traces of a packed micro-batch together. Returns Pairs."""
+    lp = sequence_logps(model, batch).view(-1, 2)  # (B, 2): chosen, rejected
+    lens = batch.lengths.view(-1, 2).to(lp.dtype)  # (B, 2)
+    return Pairs(lp[:, 0], lp[:, 1], lens[:, 0], lens[:, 1])
 
 
 # -----------------------------------------------------------------------------
-# DPO's reference log-probs: computed once, with the starting model, before any update
+# reference log-probs (DPO): computed once, with the starting model, before any update
 
 
 def ref_cache_path(args):
@@ -130,28 +184,29 @@ def ref_cache_path(args):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, args, pad_id, device):
-    """(N, 2) tensor of lp_ref(y_w), lp_ref(y_l). Every rank runs the same number of forwards (FSDP
-    gathers are collectives); ranks with nothing left repeat their last batch and discard it."""
+def reference_logps(model, pairs, args, device):
+    """(N, 2) float64 CPU tensor of lp_ref(y_w), lp_ref(y_l). Every rank runs the same number of forwards
+    (FSDP gathers are collectives); ranks with nothing left repeat their last batch and discard it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]) + len(pairs[i][2]))
     mine = order[rank::world]
     n_batches = -(-len(order[0::world]) // args.micro_batch_size)
-    out = {}
+    indices, values = [], []
     model.eval()
     for b in range(n_batches):
         idx = mine[b * args.micro_batch_size:(b + 1) * args.micro_batch_size] or mine[-1:] or order[:1]
-        w, l, _, _ = pair_logps(model, *collate_pairs([pairs[i] for i in idx], pad_id), device)
-        out.update({i: (float(x), float(y)) for i, x, y in zip(idx, w, l)})
+        p = pair_logps(model, pack_pairs([pairs[i] for i in idx]).to(device))
+        indices += idx
+        values.append(torch.stack([p.chosen_logps, p.rejected_logps], -1))  # (B, 2), stays on the device
         if b % 50 == 0 or b == n_batches - 1:
             print0(f"reference log-probs: batch {b + 1}/{n_batches}")
     gathered = [None] * world
-    dist.all_gather_object(gathered, out)
+    dist.all_gather_object(gathered, dict(zip(indices, torch.cat(values).double().cpu().tolist())))
     merged = {i: v for part in gathered for i, v in part.items()}
     return torch.tensor([merged[i] for i in range(len(pairs))], dtype=torch.float64)
 
 
-def load_or_compute_reference(model, pairs, args, pad_id, device):
+def load_or_compute_reference(model, pairs, args, device):
     path = ref_cache_path(args)
     if path.exists():
         ref = torch.load(path)
@@ -159,7 +214,7 @@ def load_or_compute_reference(model, pairs, args, pad_id, device):
             print0(f"reference log-probs: loaded {path}")
             return ref
         print0(f"reference log-probs: {path} holds {ref.shape[0]} pairs, not {len(pairs)}; recomputing")
-    ref = reference_logps(model, pairs, args, pad_id, device)
+    ref = reference_logps(model, pairs, args, device)
     if dist.get_rank() == 0:
         torch.save(ref, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
@@ -168,12 +223,43 @@ def load_or_compute_reference(model, pairs, args, pad_id, device):
 
 
 # -----------------------------------------------------------------------------
+# one optimiser step
+
+
+def train_step(model, optimizer, batches, ref, lr, objective, args, device):
+    """One optimiser step over this rank's micro-batches: (data.Packed on the device, the pairs' indices)
+    each. ref: (N, 2) reference log-probs on the device, or None. Returns the step's global statistics,
+    by name, as 0-d tensors on the device."""
+    hparams = {name: getattr(args, name) for name in objective.hparams}
+    sums = dict.fromkeys(("loss", "chosen_logps_per_token", "rejected_logps_per_token", "margin",
+                          "reward_accuracy", "tokens"), 0)  # this rank's sums over its pairs
+    for batch, idx in batches:
+        p = pair_logps(model, batch)
+        if objective.needs_reference:
+            ref_w, ref_l = ref[idx].to(p.chosen_logps.dtype).unbind(-1)
+            p = p._replace(ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
+        loss = objective.loss(p, **hparams).sum() / args.batch_size  # mean over the global batch: all micro-batches, all ranks
+        loss.backward()
+        with torch.no_grad():
+            margin = objective.margin(p)
+            for name, value in (("loss", loss), ("chosen_logps_per_token", p.chosen_logps / p.chosen_lens),
+                                ("rejected_logps_per_token", p.rejected_logps / p.rejected_lens),
+                                ("margin", margin), ("reward_accuracy", (margin > 0).float())):
+                sums[name] = sums[name] + value.sum()
+            sums["tokens"] += batch.input_ids.shape[1]
+    totals = dict(zip(sums, global_sum(list(sums.values()), device)))  # one collective for all of them
+    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+    per_pair = {k: v / args.batch_size for k, v in totals.items() if k not in ("loss", "tokens")}
+    return {"loss": totals["loss"], "grad_norm": grad_norm, "update_norm": update_norm, **per_pair,
+            "tokens": totals["tokens"]}
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
     args = parser.parse_args()
-    if args.beta is None:
-        args.beta = {"dpo": 0.001, "simpo": 2.0}.get(args.loss)
+    objective = resolve_objective(args)
     rank, world, device = init_dist()
     accumulation = accumulation_steps(args, world)
     tokenizer = load_tokenizer(args.model)
@@ -185,11 +271,11 @@ def main():
         die(f"--data has {len(pairs)} usable pairs, fewer than one global batch of {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
     model, optimizer, n_params = build_model(args, device)
-    # DPO's reference is the starting model itself, evaluated before any update: no second model.
-    ref = load_or_compute_reference(model, pairs, args, tokenizer.pad_token_id, device) if args.loss == "dpo" else None
+    # The reference is the starting model itself, evaluated before any update: no second model.
+    ref = load_or_compute_reference(model, pairs, args, device).to(device) if objective.needs_reference else None
     start_step, metrics = start_run(args, model, optimizer)
-    setting = {"redi": f"alpha {args.alpha}", "dpo": f"beta {args.beta}", "simpo": f"beta {args.beta}, gamma {args.gamma}"}
-    print0(f"{args.loss} ({setting[args.loss]}) from {args.model}: "
+    setting = ", ".join(f"{name} {getattr(args, name)}" for name in objective.hparams)
+    print0(f"{args.loss} ({setting}, lr {args.lr}) from {args.model}: "
            f"{n_params / 1e6:.1f}M parameters, {world} rank(s) on {device.type}; {len(pairs):,} pairs, "
            f"{total_steps} steps; batch {args.batch_size} pairs = {args.micro_batch_size} x {accumulation} x {world} ranks")
 
@@ -199,40 +285,14 @@ def main():
     timer = StepTimer()
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, args.lr, args.warmup_frac)
-        batch_idx = micro_batches(batch_for_step(step, len(pairs), args.batch_size, args.seed),
-                                  lengths, args.micro_batch_size, rank, world)
-        stats = torch.zeros(7, dtype=torch.float64)  # this rank's sums, all-reduced below
-        for idx in batch_idx:
-            input_ids, attention_mask, loss_mask = collate_pairs([pairs[i] for i in idx], tokenizer.pad_token_id)
-            chosen_logps, rejected_logps, chosen_lens, rejected_lens = pair_logps(
-                model, input_ids, attention_mask, loss_mask, device)
-            if args.loss == "redi":
-                losses = redi_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, args.alpha)
-                margin = chosen_logps / chosen_lens - rejected_logps / rejected_lens
-            elif args.loss == "simpo":
-                losses = simpo_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, args.beta, args.gamma)
-                margin = chosen_logps / chosen_lens - rejected_logps / rejected_lens
-            else:
-                ref_w, ref_l = ref[idx].to(device, torch.float32).unbind(-1)
-                losses = dpo_loss(chosen_logps, rejected_logps, ref_w, ref_l, args.beta)
-                margin = (chosen_logps - ref_w) - (rejected_logps - ref_l)
-            loss = losses.sum() / args.batch_size  # mean over the global batch of pairs (all micro-batches, all ranks)
-            loss.backward()
-            with torch.no_grad():
-                stats += torch.tensor([loss.item(), float((chosen_logps / chosen_lens).sum()),
-                                       float((rejected_logps / rejected_lens).sum()), float(margin.sum()),
-                                       float((margin > 0).sum()), float(attention_mask.sum()),
-                                       attention_mask.numel()], dtype=torch.float64)
-        loss, chosen_lp, rejected_lp, margin, accuracy, real_tokens, padded_tokens = all_reduce_sum(stats.tolist(), device)
-        check_finite(loss, step + 1, args.out)
-        grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+        batches = [(pack_pairs([pairs[i] for i in idx]).to(device), idx)
+                   for idx in micro_batches(batch_for_step(step, len(pairs), args.batch_size, args.seed),
+                                            lengths, args.micro_batch_size, rank, world)]
+        stats = to_host(train_step(model, optimizer, batches, ref, lr, objective, args, device), device)  # the one wait
+        check_finite(stats["loss"], step + 1, args.out)
 
         dt = timer.lap()
-        n = args.batch_size
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm,
-                  "chosen_logps_per_token": chosen_lp / n, "rejected_logps_per_token": rejected_lp / n,
-                  "margin": margin / n, "reward_accuracy": accuracy / n, "tokens": int(real_tokens),
-                  "tokens_per_s": real_tokens / dt, "real_token_frac": real_tokens / padded_tokens,
+        record = {"step": step + 1, "lr": lr, **stats, "tokens_per_s": stats["tokens"] / dt,
                   "peak_mem_gb": peak_memory_gb(device), "step_time_s": dt}
         record["collapse"] = rank == 0 and is_collapsing(history, record, args)  # the history lives on rank 0
         history.append(record)
@@ -242,11 +302,11 @@ def main():
                    f"{history[0]['chosen_logps_per_token']:.3f} / {history[0]['rejected_logps_per_token']:.3f} to "
                    f"{record['chosen_logps_per_token']:.3f} / {record['rejected_logps_per_token']:.3f} while the "
                    f"update norm surged (the paper's collapse signature, Fig. 3-6); consider a lower LR or alpha")
-        line = (f"step {step + 1:5d}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:6.3f} | "
-                f"upd {update_norm:.2e} | logps w {record['chosen_logps_per_token']:7.4f} "
-                f"l {record['rejected_logps_per_token']:7.4f} | acc {record['reward_accuracy']:4.0%} | "
-                f"tok/s {record['tokens_per_s']:8,.0f} | mem {record['peak_mem_gb']:5.1f}G | {dt:5.1f}s"
-                + (" | COLLAPSE" if record["collapse"] else ""))
+        line = (f"step {step + 1:5d}/{total_steps} | loss {stats['loss']:.4f} | lr {lr:.2e} | "
+                f"gnorm {stats['grad_norm']:6.3f} | upd {stats['update_norm']:.2e} | "
+                f"logps w {stats['chosen_logps_per_token']:7.4f} l {stats['rejected_logps_per_token']:7.4f} | "
+                f"acc {stats['reward_accuracy']:4.0%} | tok/s {record['tokens_per_s']:8,.0f} | "
+                f"mem {record['peak_mem_gb']:5.1f}G | {dt:5.1f}s" + (" | COLLAPSE" if record["collapse"] else ""))
         if end_step(args, step + 1, total_steps, record, line, model, optimizer, tokenizer, metrics):
             break
         timer.lap()  # checkpoint time is not step time

@@ -10,10 +10,12 @@ Resume after a crash with the same command plus --resume.
 """
 import argparse
 
-from common import (StepTimer, accumulation_steps, add_training_args, all_reduce_sum, build_model, check_finite,
-                    cleanup, clip_and_step, die, end_step, init_dist, load_tokenizer, lr_at, peak_memory_gb,
-                    print0, start_run)
-from data import batch_for_step, check_chat_template, collate, encode_chats, micro_batches, read_jsonl
+import torch
+
+from common import (StepTimer, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
+                    clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, peak_memory_gb, print0,
+                    start_run, to_host)
+from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base model: Hub id or folder (SPEC 2)")
@@ -45,6 +47,23 @@ def load_sft_examples(path, tokenizer, max_length):
     return examples
 
 
+def train_step(model, optimizer, batches, lr, args, device):
+    """One optimiser step over this rank's micro-batches (data.Packed, on the device). Returns the step's
+    global loss, gradient norm, update norm and token count as 0-d tensors on the device."""
+    # The loss is a mean over the response tokens of the whole optimiser step: every micro-batch of every
+    # rank. Their count is known on the host before any forward (a tensor's shape, not its values).
+    step_tokens, tokens = global_sum([sum(b.targets.shape[0] for b in batches),
+                                      sum(b.input_ids.shape[1] for b in batches)], device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share of the step's loss
+    for b in batches:
+        loss = -model(b.input_ids, b.position_ids, b.pred_at, b.targets).sum() / step_tokens
+        loss.backward()
+        loss_sum += loss.detach()
+    loss = global_sum([loss_sum], device)[0]
+    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+    return {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "tokens": tokens}
+
+
 def main():
     args = parser.parse_args()
     rank, world, device = init_dist()
@@ -67,31 +86,17 @@ def main():
     timer = StepTimer()
     for step in range(start_step, total_steps):
         lr = lr_at(step, total_steps, args.lr, args.warmup_frac)
-        batch = [collate([examples[i] for i in mb], tokenizer.pad_token_id)
-                 for mb in micro_batches(batch_for_step(step, len(examples), args.batch_size, args.seed),
-                                         lengths, args.micro_batch_size, rank, world)]
-        # Global counts over every micro-batch of every rank: the loss is a mean over the step's tokens.
-        step_tokens, real_tokens, padded_tokens = all_reduce_sum(
-            [sum(float(m.sum()) for _, _, m in batch), sum(float(a.sum()) for _, a, _ in batch),
-             sum(a.numel() for _, a, _ in batch)], device)
-
-        loss_sum = 0.0  # this rank's share of the step's loss
-        for input_ids, attention_mask, loss_mask in batch:
-            logps = model(input_ids.to(device), attention_mask.to(device), loss_mask.to(device))  # (B, T)
-            loss = -logps.sum() / step_tokens  # token-level mean over the whole optimiser step, all ranks
-            loss.backward()
-            loss_sum += loss.item()
-        loss = all_reduce_sum([loss_sum], device)[0]
-        check_finite(loss, step + 1, args.out)
-        grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+        batches = [pack([examples[i] for i in mb]).to(device)
+                   for mb in micro_batches(batch_for_step(step, len(examples), args.batch_size, args.seed),
+                                           lengths, args.micro_batch_size, rank, world)]
+        stats = to_host(train_step(model, optimizer, batches, lr, args, device), device)  # the step's one wait
+        check_finite(stats["loss"], step + 1, args.out)
 
         dt = timer.lap()
-        record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "update_norm": update_norm, "tokens": int(real_tokens),
-                  "tokens_per_s": real_tokens / dt, "real_token_frac": real_tokens / padded_tokens,
-                  "peak_mem_gb": peak_memory_gb(device), "step_time_s": dt}
-        line = (f"step {step + 1:5d}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:6.3f} | "
-                f"tok/s {record['tokens_per_s']:9,.0f} | real {record['real_token_frac']:4.0%} | "
+        record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **stats,
+                  "tokens_per_s": stats["tokens"] / dt, "peak_mem_gb": peak_memory_gb(device), "step_time_s": dt}
+        line = (f"step {step + 1:5d}/{total_steps} | loss {stats['loss']:.4f} | lr {lr:.2e} | "
+                f"gnorm {stats['grad_norm']:6.3f} | tok/s {record['tokens_per_s']:9,.0f} | "
                 f"mem {record['peak_mem_gb']:5.1f}G | {dt:5.1f}s")
         if end_step(args, step + 1, total_steps, record, line, model, optimizer, tokenizer, metrics):
             break

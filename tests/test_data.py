@@ -177,8 +177,17 @@ def test_every_example_once_per_epoch_and_ranks_partition_the_batch():
     assert all(max(lengths[i] for i in mb) <= min(lengths[i] for i in nxt) for mb, nxt in zip(one, one[1:]))
 
 
-def test_collate_masks_the_prompt_and_padding():
-    ids, attn, loss = data.collate([([5, 6, 7, 8], 2), ([9, 10, 11], 1)], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
-    assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert loss.tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+def test_pack_lays_sequences_end_to_end_and_marks_the_responses():
+    b = data.pack([([5, 6, 7, 8], 2), ([9, 10, 11], 1)])
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]  # restarting at 0: attention stays in each sequence
+    assert b.pred_at.tolist() == [1, 2, 4, 5]  # position 1 predicts 7, 2 predicts 8, 4 predicts 10, 5 predicts 11
+    assert b.targets.tolist() == [7, 8, 10, 11]
+    assert b.seq_of.tolist() == [0, 0, 1, 1] and b.lengths.tolist() == [2, 2]
+
+
+def test_seeds_give_independent_orders_per_seed_and_epoch():
+    n, batch = 64, 8
+    epoch = lambda seed, e: [i for s in range(e * 8, (e + 1) * 8) for i in data.batch_for_step(s, n, batch, seed)]  # noqa: E731
+    orders = {(seed, e): epoch(seed, e) for seed in range(3) for e in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == 9  # seed 1's first epoch is not seed 0's second, etc.

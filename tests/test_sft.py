@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_jsonl, run_script, write_jsonl
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import common
 import data
@@ -41,38 +41,53 @@ def losses(out):
 # chunked log-probs
 
 
-def test_chunked_logprobs_equal_naive_values_and_gradients():
-    """Values in fp32 (what a CPU run computes) to 1e-5. Gradients in fp64: in fp32 the two paths sum in different
-    orders and a few of the 4.9M gradient entries differ by ~1e-5, varying from run to run (CI once saw 1.7e-5): too
-    close to any tolerance to tell a bug from rounding. In fp64 both paths must agree to rounding."""
+def naive_logps(lm, sequences):
+    """Each sequence alone through the full model, the whole (T, V) logits tensor at once: log p of each response
+    token, concatenated in order. What TokenLogprobs must reproduce with packing and a chunked head."""
+    out = []
+    for ids, n_prompt in sequences:
+        logits = lm(input_ids=torch.tensor([ids])).logits[0]  # (T, V)
+        logps = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)  # (T-1,)
+        out.append(logps[n_prompt - 1:])  # position t predicts token t + 1: the response tokens
+    return torch.cat(out)
+
+
+def test_packed_chunked_logprobs_equal_naive_values_and_gradients():
+    """Three sequences packed in one row (attention must not cross them) and a head in chunks of 7 tokens, against
+    each sequence alone with full logits. Values in fp32 (what a CPU run computes) to 1e-5. Gradients in fp64: in
+    fp32 the two paths sum in different orders and a few of the 4.9M gradient entries differ by ~1e-5, varying from
+    run to run (CI once saw 1.7e-5): too close to any tolerance to tell a bug from rounding. In fp64 both paths must
+    agree to rounding."""
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     lm = Qwen2ForCausalLM(config).float()
     seqs = [(torch.randint(0, 151_936, (n,)).tolist(), p) for n, p in [(37, 5), (20, 19), (29, 1)]]
-    input_ids, attention_mask, loss_mask = data.collate(seqs, pad_id=0)
+    batch = data.pack(seqs)
+    assert batch.input_ids.shape == (1, 86) and batch.lengths.tolist() == [32, 1, 28]
 
     def both(lm):
-        chunked = TokenLogprobs(lm, chunk_size=7)(input_ids, attention_mask, loss_mask)  # (B, T)
+        chunked = TokenLogprobs(lm, chunk_size=7)(batch.input_ids, batch.position_ids, batch.pred_at, batch.targets)
         chunked.sum().backward()
         grads = [p.grad.clone() for p in lm.parameters()]
         lm.zero_grad()
-        logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V): the naive way
-        naive = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * loss_mask[:, 1:]
+        naive = naive_logps(lm, seqs)
         naive.sum().backward()
         return chunked, naive, grads
 
     chunked, naive, _ = both(lm)
-    torch.testing.assert_close(chunked[:, 1:], naive, atol=1e-5, rtol=0)
-    assert (chunked[loss_mask == 0] == 0).all() and chunked.shape == input_ids.shape
+    assert chunked.shape == (61,)
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
     lm.zero_grad()
     chunked64, naive64, grads = both(lm.double())
-    torch.testing.assert_close(chunked64[:, 1:], naive64, atol=1e-10, rtol=0)
+    torch.testing.assert_close(chunked64, naive64, atol=1e-10, rtol=0)
     for g, p in zip(grads, lm.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-10, rtol=1e-8)
     lm.float()
     with torch.no_grad():  # the no-grad path (reference log-probs) is the same function without checkpointing
-        torch.testing.assert_close(TokenLogprobs(lm, 1000)(input_ids, attention_mask, loss_mask), chunked)
+        torch.testing.assert_close(TokenLogprobs(lm, 1000)(*batch[:4]), chunked)
+    sums = common.sequence_logps(TokenLogprobs(lm), batch)  # (S,): each sequence's response log-prob
+    torch.testing.assert_close(sums, torch.stack([t.sum() for t in naive.detach().split([32, 1, 28])]), atol=1e-4, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -102,8 +117,27 @@ def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
     for (_, l1, g1), (_, l2, g2) in zip(one, two):
         assert abs(l1 - l2) < 1e-5 and abs(g1 - g2) < 1e-4
     assert one[-1][1] < one[0][1] - 0.05  # and it learns
-    record = read_jsonl(tmp_path / "two/metrics.jsonl")[0]
-    assert 0 < record["real_token_frac"] <= 1 and record["tokens"] > 0 and record["tokens_per_s"] > 0
+    # tokens: every token of the step's 8 packed sequences (prompts included), summed over both ranks
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    lengths = [len(ids) for ids, _ in data.encode_chats(tok, *zip(*[(r["problem"], r["response"]) for r in sft_rows(40)]))]
+    assert read_jsonl(tmp_path / "two/metrics.jsonl")[0]["tokens"] == sum(lengths[i] for i in data.batch_for_step(0, 40, 8, 0))
+
+
+def test_step_one_loss_is_the_plain_mean_nll(tiny_model, sft_data, tmp_path):
+    """Step 1's logged loss = the mean over all response tokens of the step's 8 examples of -log p, computed the
+    naive way. A loss normalised per micro-batch (4 of 2 examples, of different lengths) would not match."""
+    sft(tiny_model, sft_data, tmp_path / "out", "--stop-at-step", 1)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = sft_rows(40)
+    seqs = data.encode_chats(tok, [r["problem"] for r in rows], [r["response"] for r in rows])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        nll = {i: -naive_logps(lm, [seqs[i]]) for i in data.batch_for_step(0, 40, 8, 0)}  # per example, per token
+    plain = torch.cat(list(nll.values())).mean().item()
+    micro = data.micro_batches(list(nll), [len(s[0]) for s in seqs], 2, 0, 1)
+    per_micro_batch = sum(torch.cat([nll[i] for i in mb]).mean().item() for mb in micro) / len(micro)
+    assert abs(plain - per_micro_batch) > 1e-4  # distinguishable: 10x the tolerance below
+    assert read_jsonl(tmp_path / "out/metrics.jsonl")[0]["loss"] == pytest.approx(plain, abs=1e-5)
 
 
 def test_resume_equals_uninterrupted(tiny_model, sft_data, tmp_path):
