@@ -1,5 +1,6 @@
 """redi.py: the three objectives against hand-worked numbers, the joint chosen/rejected forward, 1-rank
 vs 2-rank, resume, DPO's reference cache, bad pair rows, and the collapse signature."""
+import json
 import math
 import sys
 
@@ -197,3 +198,68 @@ def test_long_inputs_are_truncated_and_counted(tiny_model, pref_data, tmp_path):
                  "--stop-at-step", 1)
     assert f"prompts cut to their last {max_p} tokens: {prompt_cut}; pairs with a response cut to {max_r} tokens: " \
            f"{response_cut}" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# the collapse warning and the objectives table
+
+
+def history(n, lr=lambda s: 1e-6, update=lambda s, lr: 5.0 * lr, chosen=lambda s: -0.3, rejected=lambda s: -0.6):
+    return [{"step": s + 1, "lr": lr(s), "update_norm": update(s, lr(s)), "chosen_logps_per_token": chosen(s),
+             "rejected_logps_per_token": rejected(s)} for s in range(n)]
+
+
+def flags(n, **kw):
+    """is_collapsing at each step of a constructed run, as redi.py calls it."""
+    h = history(n, **kw)
+    args = redi.parser.parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    return [redi.is_collapsing(h[:s], h[s], args) for s in range(n)]
+
+
+def test_collapse_fires_on_the_signature_only():
+    warmup_then_decay = lambda s: 1e-6 * min((s + 1) / 10, (100 - s) / 90)  # noqa: E731
+    assert not any(flags(100, lr=warmup_then_decay))  # update size follows the LR: quiet
+    falling = lambda s: -0.3 - (0.02 * (s - 40) if s > 40 else 0)  # noqa: E731  # both LogPS drop from step 40
+    surge = lambda s, lr: 5.0 * lr * (10 if s > 60 else 1)  # noqa: E731  # the update surges from step 60
+    both = flags(100, lr=warmup_then_decay, update=surge, chosen=falling, rejected=lambda s: falling(s) - 0.3)
+    assert both.index(True) == 66  # the drop passes 0.5 nats/token after step 65 (0.02 x 26 = 0.52)
+    assert not any(flags(100, lr=warmup_then_decay, chosen=falling, rejected=falling))  # a drop, no surge
+    assert not any(flags(100, update=surge))  # a surge, no drop
+    assert not any(flags(100, update=surge, chosen=falling))  # only the chosen trace falls: not the signature
+
+
+def test_a_new_objective_is_one_table_entry(tiny_model, pref_data, tmp_path, monkeypatch):
+    """REDI plus a constant 1 added through the table alone: its first loss is REDI's plus 1 and it takes the same
+    step (a constant has no gradient)."""
+    toy = redi.Objective(lambda p, alpha: redi.redi_loss(p, alpha) + 1.0, redi.normalised_margin, {"alpha": 0.8}, lr=1e-3)
+    monkeypatch.setitem(redi.OBJECTIVES, "redi_plus_one", toy)
+
+    def run(loss, out):
+        monkeypatch.setattr(sys, "argv", ["redi.py", "--model", str(tiny_model), "--data", str(pref_data),
+                                          "--out", str(out), "--loss", loss, "--batch-size", "8",
+                                          "--micro-batch-size", "4", "--stop-at-step", "1", "--lr", "1e-3"])
+        redi.main()
+        return metrics(out)[0]
+
+    a, b = run("redi", tmp_path / "redi"), run("redi_plus_one", tmp_path / "toy")
+    assert b["loss"] == pytest.approx(a["loss"] + 1.0, abs=1e-6)
+    assert b["update_norm"] == pytest.approx(a["update_norm"], rel=1e-6)
+
+
+def test_lr_and_hyperparameters_follow_the_loss(tiny_model, pref_data, tmp_path):
+    parse = lambda *f: redi.parser.parse_args(["--model", "m", "--data", "d", "--out", "o", *f])  # noqa: E731
+    for loss, lr, setting in [("redi", 1e-6, {"alpha": 0.8}), ("dpo", 2e-7, {"beta": 0.001}),
+                              ("simpo", 5e-7, {"beta": 2.0, "gamma": 1.0})]:
+        args = parse("--loss", loss)
+        redi.resolve_objective(args)
+        assert args.lr == lr and all(getattr(args, k) == v for k, v in setting.items())
+    args = parse("--loss", "dpo", "--lr", "1e-6", "--beta", "0.01")
+    redi.resolve_objective(args)
+    assert (args.lr, args.beta) == (1e-6, 0.01)
+    proc = train(tiny_model, pref_data, tmp_path / "out", "--loss", "simpo", "--stop-at-step", 1)
+    assert json.loads((tmp_path / "out/config.json").read_text())["lr"] == 1e-3  # train() passes --lr 1e-3
+    assert "simpo (beta 2.0, gamma 1.0, lr 0.001)" in proc.stdout
+    for bad, message in [(["--loss", "kl"], "invalid choice: 'kl'"), (["--loss", "dpo", "--alpha", "0.5"],
+                                                                      "--alpha does not apply to --loss dpo")]:
+        proc = train(tiny_model, pref_data, tmp_path / "bad", *bad, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
