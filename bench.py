@@ -68,7 +68,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 # what is measured
 parser.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default: %(default)s)")
 parser.add_argument("--steps", type=int, default=1, help="timed optimiser steps per worker, after 1 warm-up step")
-parser.add_argument("--cases", default="sft_i,sft_ii,redi_i,redi_ii,dpo_i,dpo_ii", help="training cases to run")
+parser.add_argument("--cases", default="sft_i,sft_ii,redi_i,redi_ii,dpo_i,dpo_ii",
+                    help="training cases to run, of sft_i, sft_ii, sft_paper, redi_i, redi_ii, dpo_i, dpo_ii")
 parser.add_argument("--no-trl", action="store_true", help="measure the project only")
 parser.add_argument("--no-eval", action="store_true", help="skip the generation and grading measurements")
 parser.add_argument("--profile", action="store_true",
@@ -79,6 +80,7 @@ parser.add_argument("--quick", action="store_true", help="smoke run: short seque
 parser.add_argument("--hidden", type=int, default=256, help="hidden size (the issue asks for 256-512)")
 parser.add_argument("--layers", type=int, default=4, help="decoder layers")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
+parser.add_argument("--compile", action="store_true", help="project only: sft.py/redi.py --compile")
 parser.add_argument("--logprob-chunk", type=int, default=None,
                     help="project only: tokens per LM-head chunk (sft.py's default if unset; one at least as long "
                          "as the sequence builds the whole logits tensor, the naive way)")
@@ -88,6 +90,8 @@ parser.add_argument("--min-len", type=int, default=512, help="case (ii): the sho
 parser.add_argument("--max-len", type=int, default=8192, help="case (ii): the longest sequence")
 parser.add_argument("--sft-batch", type=int, default=4, help="case (ii): sequences per SFT step")
 parser.add_argument("--pair-batch", type=int, default=2, help="case (ii): pairs per pair step")
+parser.add_argument("--paper-batch", type=int, default=16,
+                    help="case sft_paper: sequences in one SFT step, the paper's 128-sequence batch over 8 GPUs")
 parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) or pairs per forward, both systems")
 parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
 # evaluation
@@ -141,11 +145,26 @@ def start_profile(device):
     return prof
 
 
+# Operators that make the host wait for the device on a GPU: reading a value (.item(), float(), bool(), .tolist())
+# and data-dependent shapes (boolean-mask indexing). On a CPU nothing waits, but the calls are the same ones, so their
+# count per step is a proxy for the GPU's idle waits that a CPU can measure.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero")
+
+
 def stop_profile(prof, device):
-    """The operators that took the step's time, into the worker's log."""
+    """The operators that took the step's time, into the worker's log. Returns the step's count of operator calls
+    (a proxy for kernel launches) and of the calls in SYNC_OPS."""
     prof.__exit__(None, None, None)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=25), flush=True)
+    aten = [e for e in averages if e.key.startswith("aten::")]
+    counts = {"aten_calls": sum(e.count for e in aten),
+              "sync_calls": sum(e.count for e in aten if e.key in SYNC_OPS)}
+    if device.type == "cuda":
+        counts["kernels"] = sum(e.count for e in averages if e.device_type.name == "CUDA")
+    print("profile counts: " + json.dumps(counts), flush=True)
+    return counts
 
 
 # -----------------------------------------------------------------------------
@@ -153,53 +172,51 @@ def stop_profile(prof, device):
 
 
 def project_worker(objective, examples, setup, device):
-    from common import clip_and_step, init_dist, load_model, make_optimizer, shard_model
-    from data import collate
-    from redi import collate_pairs, dpo_loss, pair_logps, redi_loss, reference_logps
+    """The step users run: sft.train_step or redi.train_step, with the model and optimiser built by the scripts'
+    own build_model from their own parsers, so a change to either script is what this measures."""
+    import redi
+    import sft
+    from common import build_model, init_dist, to_host
+    from data import pack
     init_dist()
-    chunk = {"chunk_size": setup["logprob_chunk"]} if setup["logprob_chunk"] else {}
-    model = shard_model(load_model(setup["model_dir"]), device, grad_checkpointing=setup["grad_checkpointing"], **chunk)
-    model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
-    optimizer = make_optimizer(model, LR, WEIGHT_DECAY)
-    mb, pad_id = setup["micro_batch"], setup["pad_id"]
-    groups = [examples[i:i + mb] for i in range(0, len(examples), mb)]  # examples come sorted by length
+    mb = setup["micro_batch"]
+    flags = ["--model", setup["model_dir"], "--data", "-", "--out", "-", "--lr", str(LR), "--weight-decay",
+             str(WEIGHT_DECAY), "--max-grad-norm", str(MAX_GRAD_NORM), "--batch-size", str(len(examples)),
+             "--micro-batch-size", str(mb)] + (["--logprob-chunk", str(setup["logprob_chunk"])] if setup["logprob_chunk"]
+                                               else []) + (["--grad-checkpointing"] if setup["grad_checkpointing"] else []) \
+        + (["--compile"] if setup.get("compile") else [])
     if objective == "sft":
-        batches = [collate(g, pad_id) for g in groups]
-        step_tokens = sum(float(m.sum()) for _, _, m in batches)  # sft.py: a mean over the step's response tokens
+        args = sft.parser.parse_args(flags)
     else:
-        batches = [collate_pairs(g, pad_id) for g in groups]
-    batches = [[t.to(device) for t in b] for b in batches]  # as TRL's Trainer, before the clock starts
+        args = redi.parser.parse_args(flags + ["--loss", objective] + (["--alpha", str(ALPHA)] if objective == "redi"
+                                                                       else ["--beta", str(BETA)]))
+        spec = redi.resolve_objective(args)
+    model, optimizer, _ = build_model(args, device)
+    model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
+    groups = [list(range(i, min(i + mb, len(examples)))) for i in range(0, len(examples), mb)]  # sorted by length
+    if objective == "sft":
+        batches = [pack([examples[i] for i in g]).to(device) for g in groups]
+    else:
+        batches = [(redi.pack_pairs([examples[i] for i in g]).to(device), g) for g in groups]
     ref, ref_s = None, None
     if objective == "dpo":  # redi.py: the starting model's log-probs, computed once before any update
+        sync(device)
         t0 = time.perf_counter()
-        ref = reference_logps(model, examples, SimpleNamespace(micro_batch_size=mb), pad_id, device)  # (N, 2)
+        ref = redi.reference_logps(model, examples, args, device).to(device)  # (N, 2)
+        sync(device)
         ref_s = time.perf_counter() - t0
         model.train()  # reference_logps leaves the model in eval mode
 
     def step():
-        loss_sum, first = 0.0, 0
-        for (input_ids, attention_mask, loss_mask), group in zip(batches, groups):
-            if objective == "sft":
-                logps = model(input_ids, attention_mask, loss_mask)  # (B, T)
-                loss = -logps.sum() / step_tokens
-            else:
-                chosen_logps, rejected_logps, chosen_lens, rejected_lens = pair_logps(
-                    model, input_ids, attention_mask, loss_mask, device)
-                if objective == "redi":
-                    losses = redi_loss(chosen_logps, rejected_logps, chosen_lens, rejected_lens, ALPHA)
-                else:
-                    ref_w, ref_l = ref[first:first + len(group)].to(device, torch.float32).unbind(-1)
-                    losses = dpo_loss(chosen_logps, rejected_logps, ref_w, ref_l, BETA)
-                loss = losses.sum() / len(examples)  # redi.py: a mean over the step's pairs
-                first += len(group)
-            loss.backward()
-            loss_sum += loss.item()
-        clip_and_step(model, optimizer, LR, MAX_GRAD_NORM)
-        return loss_sum
+        if objective == "sft":
+            stats = sft.train_step(model, optimizer, batches, LR, args, device)
+        else:
+            stats = redi.train_step(model, optimizer, batches, ref, LR, spec, args, device)
+        return to_host(stats, device)["loss"]  # the scripts' one wait per step, inside the clock as there
 
     baseline = memory_gb(device, "VmRSS") if device.type == "cpu" else None
     reset_peak(device)
-    times, losses = [], []
+    times, losses, counts = [], [], None
     for k in range(1 + setup["steps"] + setup["profile"]):  # warm-up, timed steps, the profiled one
         prof = start_profile(device) if k > setup["steps"] else None
         sync(device)
@@ -208,9 +225,9 @@ def project_worker(objective, examples, setup, device):
         sync(device)
         times.append(time.perf_counter() - t0)
         if prof:
-            stop_profile(prof, device)
+            counts = stop_profile(prof, device)
     return {"all_step_s": times, "losses": losses, "peak_gb": memory_gb(device), "baseline_gb": baseline,
-            "ref_s": ref_s}
+            "ref_s": ref_s, "profile_counts": counts}
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def trl_worker(objective, examples, setup, device):
 
     class StepClock(TrainerCallback):
         """Times each optimiser step as the Trainer runs it; resets the memory peak once set-up is done."""
-        times, losses, baseline, prof = [], [], None, None
+        times, losses, baseline, prof, counts = [], [], None, None, None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.baseline = memory_gb(device, "VmRSS") if device.type == "cpu" else None
@@ -240,7 +257,7 @@ def trl_worker(objective, examples, setup, device):
             sync(device)
             self.times.append(time.perf_counter() - self.t0)
             if self.prof:
-                stop_profile(self.prof, device)
+                self.counts = stop_profile(self.prof, device)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -287,7 +304,7 @@ def trl_worker(objective, examples, setup, device):
                                          callbacks=[clock])
     trainer.train()
     return {"all_step_s": clock.times, "losses": clock.losses, "peak_gb": memory_gb(device),
-            "baseline_gb": clock.baseline, "ref_s": getattr(trainer, "ref_s", None)}
+            "baseline_gb": clock.baseline, "ref_s": getattr(trainer, "ref_s", None), "profile_counts": clock.counts}
 
 
 # -----------------------------------------------------------------------------
@@ -456,9 +473,12 @@ def build_cases(args, rng):
     for k in range(args.pair_batch):
         p = prompt_len()
         cases["pair_ii"].append((ids(p), ids(lengths[2 * k] - p), ids(lengths[2 * k + 1] - p)))
+    # drawn after the others, so that adding this case left their token ids as they were
+    cases["sft_paper"] = [(ids(n), prompt_len()) for n in np.geomspace(args.min_len, args.max_len, args.paper_batch).round()]
+    cases["sft_paper"].sort(key=lambda e: len(e[0]))
     cases["sft_ii"].sort(key=lambda e: len(e[0]))
     cases["pair_ii"].sort(key=lambda e: 2 * len(e[0]) + len(e[1]) + len(e[2]))
-    tokens = {k: sum(len(ids) for ids, _ in cases[k]) for k in ("sft_i", "sft_ii")}
+    tokens = {k: sum(len(ids) for ids, _ in cases[k]) for k in ("sft_i", "sft_ii", "sft_paper")}
     tokens.update({k: sum(2 * len(p) + len(w) + len(l) for p, w, l in cases[k]) for k in ("pair_i", "pair_ii")})
     return cases, tokens
 
@@ -537,6 +557,7 @@ def summarize(results, setup):
         project, trl = f"project:{objective}:{c}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
         label = {"sft": "SFT", "redi": "REDI", "dpo": "DPO"}[objective] + (
             f" (i) 1 x {setup['seq_len']:,}" if c == "i" else
+            f" (paper) {setup['paper_batch']} x {setup['min_len']:,}-{setup['max_len']:,}, one step" if c == "paper" else
             f" (ii) {setup['sft_batch'] if objective == 'sft' else setup['pair_batch']} x "
             f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "")
         # the issue's targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case
@@ -554,15 +575,17 @@ def summarize(results, setup):
             rows.append({"case": label + ": reference pass", "metric": "seconds", "project": p, "trl": t,
                          "ratio": p / t if p and t else None, "target": "", "met": None, "errors": []})
     matmul = ok("matmul")
-    if "sft_i" in setup["cases_run"] and matmul:
+    for c in ("i", "paper"):
+        if f"sft_{c}" not in setup["cases_run"] or not matmul:
+            continue
         # per repetition: the step's useful FLOP/s over the matmul rate measured in the same repetition
-        flops, rates = dense_flops(setup["model"], setup["cases"]["sft_i"]), {}
+        flops, rates = dense_flops(setup["model"], setup["cases"][f"sft_{c}"]), {}
         for system in ("project", "trl"):
             rates[system] = median([flops / statistics.median(r["step_s"]) / m["flops_per_s"] for r, m in
-                                    zip(results.get(f"{system}:sft:i", []), results["matmul"])
+                                    zip(results.get(f"{system}:sft:{c}", []), results["matmul"])
                                     if "error" not in r and "error" not in m])
         matmul_rate = median([m["flops_per_s"] for m in matmul])
-        rows.append({"case": f"dense step (SFT i), of the matmul rate ({matmul_rate / 1e9:,.0f} GFLOP/s)",
+        rows.append({"case": f"useful FLOP/s of the SFT ({c}) step, of the matmul rate ({matmul_rate / 1e9:,.0f} GFLOP/s)",
                      "metric": "FLOP/s", "project": rates["project"], "trl": rates["trl"],
                      "ratio": None, "target": ">= 40%", "errors": [],
                      "met": None if rates["project"] is None else rates["project"] >= 0.4})
@@ -633,10 +656,10 @@ def main():
     if not args.no_trl and importlib.util.find_spec("trl") is None:
         sys.exit("error: TRL is not installed: `pip install -r requirements-bench.txt`, or run with --no-trl")
     cases_run = [c for c in args.cases.split(",") if c]
-    if set(cases_run) - {"sft_i", "sft_ii", "redi_i", "redi_ii", "dpo_i", "dpo_ii"}:
-        sys.exit(f"error: --cases takes sft_i, sft_ii, redi_i, redi_ii, dpo_i, dpo_ii; got {args.cases!r}")
-    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch:
-        sys.exit("error: --sft-batch and --pair-batch must be multiples of --micro-batch")
+    if set(cases_run) - {"sft_i", "sft_ii", "sft_paper", "redi_i", "redi_ii", "dpo_i", "dpo_ii"}:
+        sys.exit(f"error: --cases takes sft_i, sft_ii, sft_paper, redi_i, redi_ii, dpo_i, dpo_ii; got {args.cases!r}")
+    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch or args.paper_batch % args.micro_batch:
+        sys.exit("error: --sft-batch, --pair-batch and --paper-batch must be multiples of --micro-batch")
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     mem_limit = args.mem_limit_gb or 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
