@@ -74,7 +74,9 @@ parser.add_argument("--id-field", default="id", help="--data: problem id field, 
 parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark (smoke tests)")
 # generation (SPEC 4)
 parser.add_argument("--prompt", choices=["bare", "lighteval"], default="bare",
-                    help="user turn: the bare problem as in training (default), or the authors' lighteval MATH template")
+                    help="bare: the problem as the user turn, then '<|im_start|>assistant\\n<think>\\n' as in training "
+                         "(default); lighteval: the authors' evaluation, behind the paper's numbers: lighteval's MATH "
+                         "template around the problem, then '<|im_start|>assistant<think>\\n' (PAPER.md §4)")
 parser.add_argument("--no-think-prefix", dest="think_prefix", action="store_false",
                     help="do not start the assistant turn with '<think>\\n' (SPEC 4 forces it, as the traces begin)")
 parser.add_argument("--samples", type=int, default=4,
@@ -152,9 +154,20 @@ def load_problems(args):
 
 
 def build_prompt(tokenizer, problem, prompt="bare", think_prefix=True):
-    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, plus <think>\\n."""
-    user = problem if prompt == "bare" else LIGHTEVAL_PROMPT + problem
-    return render_chat(tokenizer, user, None, SYSTEM_PROMPT) + (THINK_PREFIX if think_prefix else "")
+    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, then <think>\\n.
+    bare: the problem as the user turn and the assistant header as in training, `<|im_start|>assistant\\n<think>\\n`.
+    lighteval: what the authors' reported numbers used (PAPER.md §4): lighteval's MATH template around the
+    problem, and their edited generation prompt, `<|im_start|>assistant<think>\\n`, with no newline between the
+    header and <think>. Without the think prefix both end with the template's own generation prompt."""
+    if prompt == "bare":
+        return render_chat(tokenizer, problem, None, SYSTEM_PROMPT) + (THINK_PREFIX if think_prefix else "")
+    text = render_chat(tokenizer, LIGHTEVAL_PROMPT + problem, None, SYSTEM_PROMPT)
+    if not think_prefix:
+        return text
+    if not text.endswith("\n"):
+        die(f"--prompt lighteval: the chat template's generation prompt ends {text[-20:]!r}, not with the newline "
+            "that the authors' prompt replaces with <think>\\n")
+    return text[:-1] + THINK_PREFIX
 
 
 def stop_token_ids(tokenizer):
@@ -228,7 +241,7 @@ def generate_batch(model, jobs, args, pad_id, stop_ids, device):
 
 
 # -----------------------------------------------------------------------------
-# grading: the last \boxed{} after </think>, checked by math-verify in worker processes
+# grading: the last \boxed{} after the first </think>, checked by math-verify in worker processes
 
 
 def last_boxed(text):
@@ -253,12 +266,13 @@ def last_boxed(text):
 
 
 def extract_answer(response):
-    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); no boxed answer after
-    the last </think> -> (None, "no_answer"); else (the last boxed content, "ok")."""
-    end = response.rfind("</think>")
-    if end < 0:
+    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); else their grader reads
+    the text after the FIRST </think>, up to a second one if there is one (response.split("</think>")[1], PAPER.md
+    §4): no boxed answer there -> (None, "no_answer"); else (its last boxed content, "ok")."""
+    parts = response.split("</think>")
+    if len(parts) == 1:
         return None, "unclosed"
-    answer = last_boxed(response[end + len("</think>"):])
+    answer = last_boxed(parts[1])
     return (None, "no_answer") if answer is None else (answer, "ok")
 
 

@@ -126,6 +126,11 @@ def test_prompt_and_stop_tokens_with_the_real_qwen_tokenizer(qwen_tokenizer):
     templated = ev.build_prompt(tok, "What is 1+1?", "lighteval", think_prefix=False)
     assert "efficiently and clearly.  The last line" in templated  # two spaces, as the authors' template
     assert templated.endswith("before answering.\n\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    # the authors' evaluation: the same user turn, and their generation prompt with no newline before <think>
+    authors = ev.build_prompt(tok, "What is 1+1?", "lighteval")
+    assert authors == templated[:-len("\n")] + "<think>\n"
+    assert authors.endswith("What is 1+1?<|im_end|>\n<|im_start|>assistant<think>\n")
+    assert authors.startswith("<|im_start|>system\n" + ev.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nSolve the")
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +146,10 @@ def test_extraction_edge_cases():
     assert ev.extract_answer("</think>so \\boxed 5.") == ("5.", "ok")
     assert ev.extract_answer("</think>\\fbox{7}") == ("7", "ok")
     assert ev.extract_answer("</think>\\boxed{12") == (None, "no_answer")  # cut off inside the box
-    assert ev.extract_answer("<think>a</think>\\boxed{1}</think>\\boxed{2}") == ("2", "ok")  # after the last </think>
+    # the authors' grader reads the text after the FIRST </think>, up to a second one if any
+    assert ev.extract_answer("<think>a</think>\\boxed{1}</think>\\boxed{2}") == ("1", "ok")
+    assert ev.extract_answer("<think>a</think>no box yet</think>\\boxed{2}") == (None, "no_answer")
+    assert ev.extract_answer("<think>a</think>\\boxed{1} \\boxed{3}</think>x</think>\\boxed{2}") == ("3", "ok")
 
 
 @pytest.mark.parametrize("gold,answer,expected", [
@@ -157,6 +165,13 @@ def test_grading_tricky_pairs(grader, gold, answer, expected):
     response = f"<think>\nwork\n</think>\nSo the answer is $\\boxed{{{answer}}}$."
     [g] = ev.grade_responses(grader, [response], [gold])
     assert (g["answer"], g["correct"], g["grade_timeout"]) == (answer, expected, False)
+
+
+def test_two_think_closings_are_graded_on_the_first_answer(grader):
+    """The authors' grader: a response that closes </think> twice is scored on the answer after the first."""
+    response = "<think>\nsum\n</think>\nSo $\\boxed{4}$.\n</think>\nNo, $\\boxed{5}$."
+    assert [(g["answer"], g["correct"]) for g in ev.grade_responses(grader, [response] * 2, ["4", "5"])] == \
+        [("4", True), ("4", False)]
 
 
 def test_a_hanging_grade_is_killed_counted_and_the_pool_goes_on(grader):
