@@ -259,6 +259,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, SPEC 2)")
     g.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
+    g.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="do not append the tokenizer's "
+                   "EOS after each conversation (the authors' TRL trainers do: it is trained, and counted in |y|)")
     g = parser.add_argument_group("optimisation (AdamW, SPEC 2)")
     g.add_argument("--lr", type=float, default=lr,
                    help="peak learning rate (default: %(default)s)" if lr else "peak learning rate (default: see --loss)")

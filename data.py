@@ -50,32 +50,54 @@ def render_chat(tokenizer, problem, response=None, system_prompt=SYSTEM_PROMPT):
                                          tokenize=False)
 
 
-def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT):
+def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT, append_eos=True):
     """Tokenise (problem, response) conversations in one batched call. For each, returns
     (input_ids, n_prompt): the response is input_ids[n_prompt:], i.e. every token after the generation
-    prompt, the closing <|im_end|> and what follows it included (SPEC 1's |y|). Returns None for a
-    conversation whose prompt tokens are not a prefix of its full tokens (a merge across the
-    boundary): training on it would teach a split the model never sees when it generates."""
+    prompt, the closing <|im_end|> and what follows it included, then the tokenizer's EOS (SPEC 1's |y|).
+    The EOS is appended because the authors' trainers (TRL 0.17's SFT and DPO) append it after the
+    templated conversation, so it is trained and counted (PAPER.md §1); append_eos=False leaves it off.
+    Returns None for a conversation whose prompt tokens are not a prefix of its full tokens (a merge
+    across the boundary): training on it would teach a split the model never sees when it generates."""
     if not problems:
         return []
     prompts = [render_chat(tokenizer, p, None, system_prompt) for p in problems]
     fulls = [render_chat(tokenizer, p, r, system_prompt) for p, r in zip(problems, responses)]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
     out = []
     for prompt, full, p_ids, f_ids in zip(prompts, fulls, prompt_ids, full_ids):
+        if append_eos and f_ids[-1:] != [eos]:  # TRL's SFT rule: unless the conversation already ends with it
+            f_ids = f_ids + [eos]
         ok = full.startswith(prompt) and f_ids[:len(p_ids)] == p_ids
         out.append((f_ids, len(p_ids)) if ok else None)
     return out
 
 
-def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT):
+def authors_lengths(tokenizer, role, texts):
+    """Token counts as the authors' length filter made them (PAPER.md §1): each text chat-templated as
+    the only message of a conversation, in this role, without a generation prompt, + 1. They count the
+    prompt as [user] alone and each response as [assistant] alone, so a template that inserts a default
+    system turn (Qwen2.5-Math's does) puts that turn and the assistant header into the response's count,
+    and the prompt's count has no assistant header."""
+    if not texts:
+        return []
+    chats = [tokenizer.apply_chat_template([{"role": role, "content": t}], tokenize=False, add_generation_prompt=False)
+             for t in texts]
+    return [len(ids) + 1 for ids in tokenizer(chats, add_special_tokens=False)["input_ids"]]
+
+
+def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT, append_eos=True):
     """Stop before any work if the template cannot give a clean prompt/response split: no template,
     a prompt rendered differently once an answer follows, an answer rewritten (templates that strip
-    the thinking from assistant turns do this), or prompt tokens that are not a prefix."""
+    the thinking from assistant turns do this), or prompt tokens that are not a prefix; or if there is
+    no EOS token to append."""
     if not getattr(tokenizer, "chat_template", None):
         die(f"tokenizer {tokenizer.name_or_path!r} has no chat template; use the base model's tokenizer "
             "(Qwen2.5-Math ships one)")
+    if append_eos and tokenizer.eos_token_id is None:
+        die(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to append after each conversation; set "
+            "eos_token in its tokenizer_config.json, or pass --no-append-eos")
     problem, response = "What is $1+1$?", "<think>\nOne plus one is two.\n</think>\n\nSo $\\boxed{2}$."
     prompt = render_chat(tokenizer, problem, None, system_prompt)
     full = render_chat(tokenizer, problem, response, system_prompt)
@@ -87,7 +109,7 @@ def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT):
     if not full[len(prompt):].startswith(response):
         die("the chat template rewrites the assistant turn (does it strip <think>...</think>?): "
             f"{full[len(prompt):]!r}")
-    if encode_chats(tokenizer, [problem], [response], system_prompt)[0] is None:
+    if encode_chats(tokenizer, [problem], [response], system_prompt, append_eos)[0] is None:
         die("with this chat template the prompt's tokens are not a prefix of the conversation's tokens")
 
 
@@ -231,7 +253,10 @@ def open_corpus(src, split):
 
 
 def check_row(row, label, validity_filter):
-    """The reason to skip a raw row, or None. Bad input first, then SPEC 1's rules in order."""
+    """The reason to skip a raw row, or None. Bad input first, then SPEC 1's rules in order. The authors
+    skip a row for no problem, no generations, labels of another length or labels that are not
+    booleans, and for nothing else: an empty generation is judged by its labels like any other
+    (PAPER.md §1), and a null one is an empty one."""
     if not isinstance(row, dict):
         return "bad_json"
     for field in REQUIRED + (("problem_is_valid",) if validity_filter else ()):
@@ -239,7 +264,7 @@ def check_row(row, label, validity_filter):
             return "missing_field"
     if not (isinstance(row["problem"], str) and isinstance(row["source"], str)
             and isinstance(row["generations"], list) and isinstance(row["correctness"], dict)
-            and all(isinstance(g, str) for g in row["generations"])):
+            and all(g is None or isinstance(g, str) for g in row["generations"])):
         return "mistyped_field"
     if validity_filter and not isinstance(row["problem_is_valid"], str):
         return "mistyped_field"
@@ -253,8 +278,8 @@ def check_row(row, label, validity_filter):
             return "label_length_mismatch"
     if not row["problem"].strip():
         return "empty_problem"
-    if any(not g.strip() for g in row["generations"]):
-        return "empty_generation"
+    if not row["generations"]:
+        return "no_generations"
     if row["source"] == "cn_k12":
         return "cn_k12"
     if validity_filter and row["problem_is_valid"].strip().lower() != "yes":
@@ -288,7 +313,7 @@ def prepare(args):
     if hasattr(corpus, "select_columns"):  # Arrow: skip decoding the columns no rule reads
         corpus = corpus.select_columns([c for c in required + ("answer",) if c in columns])
     tokenizer = load_tokenizer(args.tokenizer)
-    check_chat_template(tokenizer)
+    check_chat_template(tokenizer, append_eos=args.length_count == "trained")
 
     # Authors' code shuffles with seed 42 before selecting; this is the order datasets.shuffle(seed) gives.
     order = np.random.default_rng(args.seed).permutation(len(corpus)) if args.seed >= 0 else range(len(corpus))
@@ -304,12 +329,21 @@ def prepare(args):
         problems = [r["problem"] for r in pending]
         chosen = encode_chats(tokenizer, problems, [r["chosen"] for r in pending])
         rejected = encode_chats(tokenizer, problems, [r["rejected"] for r in pending])
-        for r, c, j in zip(pending, chosen, rejected):
+        if args.length_count == "authors":  # PAPER.md §1: the count the 53,175 triplets come from
+            prompt_lens = authors_lengths(tokenizer, "user", problems)
+            chosen_lens = authors_lengths(tokenizer, "assistant", [r["chosen"] for r in pending])
+            rejected_lens = authors_lengths(tokenizer, "assistant", [r["rejected"] for r in pending])
+        else:  # the tokens sft.py and redi.py train on: the prompt with its assistant header, |y| with the EOS
+            prompt_lens = [c[1] if c else 0 for c in chosen]
+            chosen_lens = [len(c[0]) - c[1] if c else 0 for c in chosen]
+            rejected_lens = [len(j[0]) - j[1] if j else 0 for j in rejected]
+        for r, c, j, n_prompt, n_chosen, n_rejected in zip(pending, chosen, rejected, prompt_lens, chosen_lens,
+                                                           rejected_lens):
             if c is None or j is None:
                 pref_dropped["prompt_not_prefix"] += 1
-            elif c[1] > args.max_prompt_tokens:
+            elif n_prompt > args.max_prompt_tokens:
                 pref_dropped["prompt_too_long"] += 1
-            elif max(len(c[0]) - c[1], len(j[0]) - j[1]) > args.max_response_tokens:
+            elif max(n_chosen, n_rejected) > args.max_response_tokens:
                 pref_dropped["response_too_long"] += 1
             else:
                 f.write(json.dumps(r) + "\n")
@@ -326,14 +360,15 @@ def prepare(args):
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
             else:
+                generations = [g or "" for g in row["generations"]]  # a null generation is an empty one
                 meta = {"id": int(i), "source": row["source"], "answer": str(row.get("answer") or "")}
-                f_sft.write(json.dumps({"problem": row["problem"], "response": row["generations"][good], **meta}) + "\n")
+                f_sft.write(json.dumps({"problem": row["problem"], "response": generations[good], **meta}) + "\n")
                 n_sft += 1
                 if bad is None:
                     pref_dropped["no_incorrect"] += 1
                 else:
-                    pending.append({"problem": row["problem"], "chosen": row["generations"][good],
-                                    "rejected": row["generations"][bad], **meta})
+                    pending.append({"problem": row["problem"], "chosen": generations[good],
+                                    "rejected": generations[bad], **meta})
                     if len(pending) == 1024:
                         flush_pairs(f_pref)
             if n % 20000 == 0 or n == len(corpus):
@@ -352,7 +387,7 @@ def prepare(args):
     print(f"D_SFT kept           {n_sft:>10,}  -> {out / 'sft.jsonl'}")
     for reason, count in pref_dropped.items():
         print(f"  not a pair: {reason:<17} {count:>10,}")
-    print(f"D_Pref kept          {n_pref:>10,}  -> {out / 'pref.jsonl'}")
+    print(f"D_Pref kept          {n_pref:>10,}  -> {out / 'pref.jsonl'}  (lengths counted as {args.length_count!r})")
     if n_sft == 0:
         die("no problem had a correct generation: nothing kept (see the reasons above)")
     if n_pref == 0:
@@ -494,6 +529,11 @@ def main():
     p.add_argument("--max-prompt-tokens", type=int, default=800, help="D_Pref: drop longer prompts (SPEC 1)")
     p.add_argument("--max-response-tokens", type=int, default=19000,
                    help="D_Pref: drop pairs with a longer chosen or rejected response (SPEC 1)")
+    p.add_argument("--length-count", choices=["authors", "trained"], default="authors",
+                   help="how the two limits count tokens: 'authors' (default) as the authors' script, the count behind "
+                        "the paper's 53,175 (PAPER.md §1): [user] and [assistant] each templated alone, + 1; "
+                        "'trained' as sft.py/redi.py see them (prompt with its assistant header; response with "
+                        "its closing tokens and EOS), so that redi.py's truncation never cuts a kept pair")
     p = sub.add_parser("demo", help="offline toy corpus, held-out test set and tiny student model")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--problems", type=int, default=6000, help="training problems in raw.jsonl")

@@ -2,8 +2,8 @@
 pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts).
 
     python eval.py --model runs/redi/final --out runs/redi/eval                 # MATH-500 x 4 samples
-    python eval.py --model runs/redi/final --benchmark math500 aime24 amc23 minerva olympiadbench \
-        --samples 16 --out runs/redi/eval16                                           # the paper's final evals
+    python eval.py --model runs/redi/best --benchmark math500 aime24 amc23 minerva olympiadbench \
+        --samples 16 --prompt lighteval --out runs/redi/eval16        # the paper's final evals, with its prompt
     torchrun --nproc_per_node 8 eval.py --model runs/redi/final --samples 16 --out runs/redi/eval16
     python eval.py --model demo/model --data demo/test.jsonl --max-new-tokens 512 --out runs/demo-eval
     python eval.py score runs/redi/eval/results.jsonl     # rebuild summary.json and the table from results alone
@@ -74,7 +74,9 @@ parser.add_argument("--id-field", default="id", help="--data: problem id field, 
 parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark (smoke tests)")
 # generation (SPEC 4)
 parser.add_argument("--prompt", choices=["bare", "lighteval"], default="bare",
-                    help="user turn: the bare problem as in training (default), or the authors' lighteval MATH template")
+                    help="bare: the problem as the user turn, then '<|im_start|>assistant\\n<think>\\n' as in training "
+                         "(default); lighteval: the authors' evaluation, behind the paper's numbers: lighteval's MATH "
+                         "template around the problem, then '<|im_start|>assistant<think>\\n' (PAPER.md §4)")
 parser.add_argument("--no-think-prefix", dest="think_prefix", action="store_false",
                     help="do not start the assistant turn with '<think>\\n' (SPEC 4 forces it, as the traces begin)")
 parser.add_argument("--samples", type=int, default=4,
@@ -99,7 +101,8 @@ report_parser = argparse.ArgumentParser(prog="eval.py report", description="comp
                                         "and Figure-6-style plots of accuracy, LogPS and update norm over steps")
 report_parser.add_argument("runs", nargs="+", help="run folders of sft.py/redi.py, each with eval/step_N/summary.json "
                                                    "(eval.py --out RUN/eval/step_N on RUN/ckpt/step_N)")
-report_parser.add_argument("--out", required=True, help="writes report.md, report.json and report.png (with matplotlib)")
+report_parser.add_argument("--out", required=True, help="writes report.md, report.json and report.png (with "
+                                                        "matplotlib); each RUN/best links to that run's best checkpoint")
 
 # -----------------------------------------------------------------------------
 # problems
@@ -152,9 +155,20 @@ def load_problems(args):
 
 
 def build_prompt(tokenizer, problem, prompt="bare", think_prefix=True):
-    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, plus <think>\\n."""
-    user = problem if prompt == "bare" else LIGHTEVAL_PROMPT + problem
-    return render_chat(tokenizer, user, None, SYSTEM_PROMPT) + (THINK_PREFIX if think_prefix else "")
+    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, then <think>\\n.
+    bare: the problem as the user turn and the assistant header as in training, `<|im_start|>assistant\\n<think>\\n`.
+    lighteval: what the authors' reported numbers used (PAPER.md §4): lighteval's MATH template around the
+    problem, and their edited generation prompt, `<|im_start|>assistant<think>\\n`, with no newline between the
+    header and <think>. Without the think prefix both end with the template's own generation prompt."""
+    if prompt == "bare":
+        return render_chat(tokenizer, problem, None, SYSTEM_PROMPT) + (THINK_PREFIX if think_prefix else "")
+    text = render_chat(tokenizer, LIGHTEVAL_PROMPT + problem, None, SYSTEM_PROMPT)
+    if not think_prefix:
+        return text
+    if not text.endswith("\n"):
+        die(f"--prompt lighteval: the chat template's generation prompt ends {text[-20:]!r}, not with the newline "
+            "that the authors' prompt replaces with <think>\\n")
+    return text[:-1] + THINK_PREFIX
 
 
 def stop_token_ids(tokenizer):
@@ -228,7 +242,7 @@ def generate_batch(model, jobs, args, pad_id, stop_ids, device):
 
 
 # -----------------------------------------------------------------------------
-# grading: the last \boxed{} after </think>, checked by math-verify in worker processes
+# grading: the last \boxed{} after the first </think>, checked by math-verify in worker processes
 
 
 def last_boxed(text):
@@ -253,12 +267,13 @@ def last_boxed(text):
 
 
 def extract_answer(response):
-    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); no boxed answer after
-    the last </think> -> (None, "no_answer"); else (the last boxed content, "ok")."""
-    end = response.rfind("</think>")
-    if end < 0:
+    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); else their grader reads
+    the text after the FIRST </think>, up to a second one if there is one (response.split("</think>")[1], PAPER.md
+    §4): no boxed answer there -> (None, "no_answer"); else (its last boxed content, "ok")."""
+    parts = response.split("</think>")
+    if len(parts) == 1:
         return None, "unclosed"
-    answer = last_boxed(response[end + len("</think>"):])
+    answer = last_boxed(parts[1])
     return (None, "no_answer") if answer is None else (answer, "ok")
 
 
@@ -500,7 +515,8 @@ def write_summary(results_path):
 
 
 def run_report(run):
-    """One run's evaluated checkpoints and training dynamics: {step: (pass@1, sem, pass@k)} and metrics.jsonl."""
+    """One run's evaluated checkpoints and training dynamics: {step: (pass@1, sem, pass@k)}, metrics.jsonl, and
+    its best checkpoint, the one the paper keeps (SPEC 3): the highest intermediate pass@1, the earlier on a tie."""
     evals = {}
     for path in sorted(Path(run).glob("eval/step_*/summary.json")):
         summary = json.loads(path.read_text())
@@ -508,31 +524,44 @@ def run_report(run):
         evals[int(path.parent.name.split("_")[1])] = (s["pass@1"], s.get("sem"), s["pass@k"])
     if not evals:
         die(f"{run} has no eval/step_N/summary.json: evaluate its checkpoints first")
+    step = min(evals, key=lambda k: (-evals[k][0], k))  # among this run's own checkpoints, before step 0 joins
+    best = {"step": step, "pass@1": evals[step][0], "sem": evals[step][1],
+            "checkpoint": str(Path(run) / "ckpt" / f"step_{step:06d}")}
     metrics = list(iter_results(Path(run) / "metrics.jsonl")) if (Path(run) / "metrics.jsonl").exists() else []
     # Step 0 is the starting model: when it is an evaluated checkpoint of another run, take its accuracy.
     start = Path(json.loads((Path(run) / "config.json").read_text())["model"]).resolve() \
         if (Path(run) / "config.json").exists() else None
     if start and (start.parent.parent / "eval" / start.name / "summary.json").exists() and 0 not in evals:
         evals[0] = run_report(start.parent.parent)["evals"][int(start.name.split("_")[1])]
-    return {"run": str(run), "evals": dict(sorted(evals.items())), "metrics": metrics}
+    return {"run": str(run), "evals": dict(sorted(evals.items())), "best": best, "metrics": metrics}
 
 
 def report(args):
-    """The table: the last checkpoint's pass@1 +- SEM and pass@k per run; LogPS at the first and last step;
-    the largest update; the first step flagged as collapse. Runs of the same name from several seeds (one folder
-    per seed) are also averaged: mean and standard deviation over seeds of the final pass@1."""
+    """The table: the last checkpoint's pass@1 +- SEM and pass@k per run, and its best checkpoint's; LogPS at the
+    first and last step; the largest update; the first step flagged as collapse. Runs of the same name from several
+    seeds (one folder per seed) are also averaged: mean and standard deviation over seeds of the final pass@1.
+    Each run folder gets RUN/best, a link to its best checkpoint (as RUN/final links the last), for run.sh's final
+    evaluation; report.json names it too."""
     runs = [run_report(r) for r in args.runs]
-    lines = ["| run | pass@1 | pass@k | chosen LogPS | rejected LogPS | max update norm | collapse |", "|---" * 7 + "|"]
+    lines = ["| run (last step) | pass@1 | pass@k | best checkpoint: pass@1 | chosen LogPS | rejected LogPS "
+             "| max update norm | collapse |", "|---" * 8 + "|"]
     for r in runs:
         step = max(r["evals"])
         acc, sem, at_k = r["evals"][step]
         k = max(at_k, key=int)
-        m = r["metrics"]
+        m, best = r["metrics"], r["best"]
         logps = lambda key: f"{m[0][key]:.3f} -> {m[-1][key]:.3f}" if m and key in m[0] else ""  # noqa: E731
         collapse = next((str(x["step"]) for x in m if x.get("collapse")), "no" if m and "collapse" in m[0] else "")
         lines.append(f"| {r['run']} (step {step}) | {acc:.1%} +- {sem or 0:.1%} | @{k} {at_k[k]:.1%} | "
+                     f"**step {best['step']}: {best['pass@1']:.1%} +- {best['sem'] or 0:.1%}** | "
                      f"{logps('chosen_logps_per_token')} | {logps('rejected_logps_per_token')} | "
                      f"{max((x['update_norm'] for x in m if 'update_norm' in x), default=float('nan')):.3g} | {collapse} |")
+        link, target = Path(r["run"]) / "best", Path(best["checkpoint"])
+        if target.is_dir():
+            link.unlink(missing_ok=True)
+            link.symlink_to(target.relative_to(r["run"]))
+        else:
+            print(f"note: {target} is not there, so {link} was not made")
     by_name = {}
     for r in runs:
         by_name.setdefault(Path(r["run"]).name, []).append(r["evals"][max(r["evals"])][0])
@@ -556,7 +585,8 @@ def report(args):
         if not m:  # an SFT run: its last accuracy is step 0 of the runs that start from it
             continue
         steps = sorted(r["evals"])
-        axes[0].plot(steps, [r["evals"][s][0] for s in steps], marker="o", label=r["run"])
+        [line] = axes[0].plot(steps, [r["evals"][s][0] for s in steps], marker="o", label=r["run"])
+        axes[0].plot(r["best"]["step"], r["best"]["pass@1"], marker="*", ms=16, color=line.get_color())  # the best
         for ax, key in zip(axes[1:], ("chosen_logps_per_token", "rejected_logps_per_token", "update_norm")):
             ax.plot([x["step"] for x in m], [x[key] for x in m], label=r["run"])
     for ax, title in zip(axes, ("pass@1 of checkpoints", "chosen LogPS (per token)", "rejected LogPS (per token)",

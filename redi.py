@@ -125,19 +125,18 @@ def resolve_objective(args):
 # data: one pair = (prompt ids, chosen response ids, rejected response ids)
 
 
-def load_pairs(path, tokenizer, max_prompt, max_response):
+def load_pairs(path, tokenizer, max_prompt, max_response, append_eos=True):
+    """An empty response is trained on, as the authors' trainers do (PAPER.md §1): |y| is then the
+    template's closing tokens and the EOS."""
     rows = read_jsonl(path, ["problem", "chosen", "rejected"])
-    pairs, skipped, cut_prompt, cut_response = [], {"empty response": 0, "chosen == rejected": 0,
-                                                    "prompt/response split broken": 0}, 0, 0
+    pairs, skipped, cut_prompt, cut_response = [], {"chosen == rejected": 0, "prompt/response split broken": 0}, 0, 0
     for i in range(0, len(rows), 1024):
         block = rows[i:i + 1024]
         problems = [r["problem"] for r in block]
-        chosen = encode_chats(tokenizer, problems, [r["chosen"] for r in block])
-        rejected = encode_chats(tokenizer, problems, [r["rejected"] for r in block])
+        chosen = encode_chats(tokenizer, problems, [r["chosen"] for r in block], append_eos=append_eos)
+        rejected = encode_chats(tokenizer, problems, [r["rejected"] for r in block], append_eos=append_eos)
         for row, c, r in zip(block, chosen, rejected):
-            if not row["chosen"].strip() or not row["rejected"].strip():
-                skipped["empty response"] += 1
-            elif row["chosen"] == row["rejected"]:
+            if row["chosen"] == row["rejected"]:
                 skipped["chosen == rejected"] += 1
             elif c is None or r is None:
                 skipped["prompt/response split broken"] += 1
@@ -176,7 +175,7 @@ def ref_cache_path(args):
     files = sorted(model.glob("*.safetensors")) + sorted(model.glob("*.bin")) if model.is_dir() else []
     h.update(json.dumps([str(model.resolve()) if model.is_dir() else args.model,
                          [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-                         args.max_prompt_length, args.max_response_length]).encode())
+                         args.max_prompt_length, args.max_response_length, args.append_eos]).encode())
     with open(args.data, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
@@ -263,8 +262,8 @@ def main():
     rank, world, device = init_dist()
     accumulation = accumulation_steps(args, world)
     tokenizer = load_tokenizer(args.model)
-    check_chat_template(tokenizer)
-    pairs = load_pairs(args.data, tokenizer, args.max_prompt_length, args.max_response_length)
+    check_chat_template(tokenizer, append_eos=args.append_eos)
+    pairs = load_pairs(args.data, tokenizer, args.max_prompt_length, args.max_response_length, args.append_eos)
     lengths = [2 * len(p) + len(w) + len(l) for p, w, l in pairs]
     steps_per_epoch = len(pairs) // args.batch_size
     if steps_per_epoch == 0:

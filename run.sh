@@ -62,43 +62,57 @@ if [ "$MODE" = demo ]; then
     exit 0
 fi
 
-# ---- the paper: Qwen2.5-Math-1.5B on OpenR1-Math-Raw, 8 GPUs
+# ---- the paper: Qwen2.5-Math-1.5B on OpenR1-Math-Raw, 8 GPUs. A step whose output is already there
+# (the data, a finished SFT or stage-2 run) is skipped, and an interrupted run resumes, so the baselines
+# can be run one after another into the same OUT.
 OUT=${OUT:-runs/paper}
 BASE=${BASE:-Qwen/Qwen2.5-Math-1.5B}
 NGPU=${NGPU:-8}
-# Stage 2's objective (SPEC 3). The paper's final model is the default; the baselines:
-#   STAGE2="--loss redi --alpha 1.0 --lr 1e-6"     symmetric REDI (the paper also ran 2e-7, 1e-7; 1e-6 collapses)
-#   STAGE2="--loss dpo --beta 0.001 --lr 2e-7"     DPO, best setting
-#   STAGE2="--loss simpo --beta 2 --gamma 1 --lr 5e-7"   SimPO, best setting
+# Which run to make (SPEC 2-3). The default is the paper's final model: REDI from SFT-5ep. The paper's
+# baselines and ablations start from SFT-3ep, a 3-epoch run with its own schedule (the 5-epoch run's
+# checkpoint after 3 epochs is not it: its LR has not decayed to 0 there). For example:
+#   SFT_EPOCHS=3 RUN2=redi                                                    REDI alpha 0.8, to compare with:
+#   SFT_EPOCHS=3 RUN2=sym_redi STAGE2="--loss redi --alpha 1.0 --lr 1e-6"     symmetric REDI (collapses at 1e-6;
+#                                                                             the paper also ran 2e-7 and 1e-7)
+#   SFT_EPOCHS=3 RUN2=dpo STAGE2="--loss dpo --beta 0.001 --lr 2e-7"          DPO, best setting
+#   SFT_EPOCHS=3 RUN2=simpo STAGE2="--loss simpo --beta 2 --gamma 1 --lr 5e-7"   SimPO, best setting
+SFT_EPOCHS=${SFT_EPOCHS:-5}
 STAGE2=${STAGE2:-"--loss redi --alpha 0.8 --lr 1e-6"}
 RUN2=${RUN2:-redi}
+# Evaluation prompt: lighteval = the authors' user template and generation prompt, which the paper's
+# numbers come from (PAPER.md §4); bare = the training prompt
+PROMPT=${PROMPT:-lighteval}
+SFT=$OUT/sft_${SFT_EPOCHS}ep     # e.g. runs/paper/sft_5ep
+S2=$OUT/sft_${SFT_EPOCHS}ep-$RUN2   # e.g. runs/paper/sft_5ep-redi
 
-# D_SFT (77,629 problems) and D_Pref (53,175 triplets) with the authors' selection rules
-python data.py prepare --input open-r1/OpenR1-Math-Raw --tokenizer $BASE --out $OUT/data
+# D_SFT (77,629 problems) and D_Pref (53,175 triplets) with the authors' selection rules and length count
+[ -f $OUT/data/pref.jsonl ] || \
+    python data.py prepare --input open-r1/OpenR1-Math-Raw --tokenizer $BASE --out $OUT/data
 
-# Stage 1: SFT, 5 epochs (the paper's final model; 3 epochs is its ablation start point), LR 5e-5,
-# batch 128, 32k context after the authors' window override
-torchrun --nproc_per_node $NGPU sft.py --model $BASE --data $OUT/data/sft.jsonl --out $OUT/sft \
-    --epochs 5 --max-position-embeddings 32768 --rope-theta 300000 --grad-checkpointing
+# Stage 1: SFT for SFT_EPOCHS epochs, LR 5e-5, batch 128, 32k context after the authors' window override
+[ -e $SFT/final ] || \
+    torchrun --nproc_per_node $NGPU sft.py --model $BASE --data $OUT/data/sft.jsonl --out $SFT \
+        --epochs $SFT_EPOCHS --max-position-embeddings 32768 --rope-theta 300000 --grad-checkpointing --resume
 
-# Stage 2 from the SFT model: one epoch over D_Pref, 32 pairs per step (1,661 steps), a checkpoint
+# Stage 2 from that SFT model: one epoch over D_Pref, 32 pairs per step (1,661 steps), a checkpoint
 # every 100 steps (the paper evaluates checkpoints and keeps the best)
-torchrun --nproc_per_node $NGPU redi.py --model $OUT/sft/final --data $OUT/data/pref.jsonl --out $OUT/$RUN2 \
-    $STAGE2 --grad-checkpointing --save-every 100
+[ -e $S2/final ] || \
+    torchrun --nproc_per_node $NGPU redi.py --model $SFT/final --data $OUT/data/pref.jsonl --out $S2 \
+        $STAGE2 --grad-checkpointing --save-every 100 --resume
 
 # Intermediate evals (SPEC 4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
-# checkpoint; the report's table and plots show which checkpoint is best
-SFT_CKPT=$(readlink -f $OUT/sft/final)
-torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT --benchmark math500 --samples 4 \
-    --out $OUT/sft/eval/$(basename $SFT_CKPT)
-for CKPT in $OUT/$RUN2/ckpt/step_*; do
-    torchrun --nproc_per_node $NGPU eval.py --model $CKPT --benchmark math500 --samples 4 \
-        --out $OUT/$RUN2/eval/$(basename $CKPT)
+# checkpoint (an evaluation already done is not redone); the report marks each run's best checkpoint
+# and links RUN/best to it
+SFT_CKPT=$(readlink -f $SFT/final)
+torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT --benchmark math500 --samples 4 --prompt $PROMPT \
+    --out $SFT/eval/$(basename $SFT_CKPT)
+for CKPT in $S2/ckpt/step_*; do
+    torchrun --nproc_per_node $NGPU eval.py --model $CKPT --benchmark math500 --samples 4 --prompt $PROMPT \
+        --out $S2/eval/$(basename $CKPT)
 done
-python eval.py report $OUT/sft $OUT/$RUN2 --out $OUT/$RUN2
+python eval.py report $SFT $S2 --out $S2
 
-# Final evals (SPEC 4): five benchmarks, 16 samples, pass@1 +- SEM and pass@16. BEST defaults to the
-# last checkpoint; set it to the best one from the report.
-BEST=${BEST:-$OUT/$RUN2/final}
+# Final evals (SPEC 4) of the best checkpoint: five benchmarks, 16 samples, pass@1 +- SEM and pass@16
+BEST=$(readlink -f $S2/best)
 torchrun --nproc_per_node $NGPU eval.py --model $BEST --benchmark math500 aime24 amc23 minerva olympiadbench \
-    --samples 16 --out $OUT/$RUN2/eval_final
+    --samples 16 --prompt $PROMPT --out $S2/eval_final/$(basename $BEST)

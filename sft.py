@@ -25,13 +25,14 @@ parser.add_argument("--max-length", type=int, default=32768, help="longer sequen
 add_training_args(parser, lr=5e-5, epochs=3, batch_size=128, save_every=200)
 
 
-def load_sft_examples(path, tokenizer, max_length):
+def load_sft_examples(path, tokenizer, max_length, append_eos=True):
     """(input_ids, n_prompt) per usable row; rows whose prompt/response split is broken are skipped."""
     rows = read_jsonl(path, ["problem", "response"])
     examples, broken, cut = [], 0, 0
     for i in range(0, len(rows), 1024):
         block = rows[i:i + 1024]
-        for enc in encode_chats(tokenizer, [r["problem"] for r in block], [r["response"] for r in block]):
+        for enc in encode_chats(tokenizer, [r["problem"] for r in block], [r["response"] for r in block],
+                                append_eos=append_eos):
             if enc is None:
                 broken += 1
                 continue
@@ -69,8 +70,8 @@ def main():
     rank, world, device = init_dist()
     accumulation = accumulation_steps(args, world)
     tokenizer = load_tokenizer(args.model)
-    check_chat_template(tokenizer)
-    examples = load_sft_examples(args.data, tokenizer, args.max_length)
+    check_chat_template(tokenizer, append_eos=args.append_eos)
+    examples = load_sft_examples(args.data, tokenizer, args.max_length, args.append_eos)
     lengths = [len(ids) for ids, _ in examples]
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:

@@ -21,9 +21,12 @@ def raw(i, gens, judge, verify, reparsed=None, source="olympiads", valid="Yes", 
     return row
 
 
+PAIR_DROPS = ("no_incorrect", "prompt_too_long", "response_too_long")
+
+
 def fixture_rows():
     """(row, expectation): one row per rule and per kind of bad input. Expectation: the drop reason, or
-    (sft response, pref rejected or the reason it is not a pair)."""
+    (sft response, pref rejected or the reason in PAIR_DROPS it is not a pair)."""
     g = [f"<think>\ntrace {k}\n</think>\n\\boxed{{{k}}}" for k in range(4)]
     long_problem = "x" * 900  # byte-level tokenizer: > 800 prompt tokens
     long_trace = "<think>\n" + "y" * 19_500 + "\n</think>"  # > 19,000 response tokens
@@ -44,9 +47,14 @@ def fixture_rows():
         (raw(11, g[0], [True], [True]), "mistyped_field"),  # generations is a string
         (raw(12, g[:2], [True, "yes"], [True, True]), "mistyped_field"),
         (raw(13, g[:2], [True, False, True], [True, True]), "label_length_mismatch"),
-        (raw(14, [g[0], "  "], [True, False], [True, True]), "empty_generation"),
+        # an empty generation is judged by its labels like any other (the authors' rule), a null one is empty
+        (raw(14, [g[0], ""], [True, False], [True, True]), (g[0], "")),
         (raw(15, g[:2], [True, False], [True, True], problem=" "), "empty_problem"),
         (raw(16, g[:2], [True, False], [True, True], source=None), "missing_field"),
+        (raw(17, [" ", g[1]], [True, False], [True, True]), (" ", g[1])),
+        (raw(18, [g[0], None, g[2]], [True, False, False], [True, True, True]), (g[0], "")),
+        (raw(19, [], [], []), "no_generations"),
+        (raw(20, [g[0], 7], [True, False], [True, True]), "mistyped_field"),
     ]
 
 
@@ -72,7 +80,7 @@ def test_prepare_applies_every_rule(raw_file, tiny_model, tmp_path):
     for i, e in expected.items():
         if isinstance(e, str):
             want_drop[e] = want_drop.get(e, 0) + 1
-        elif not e[1].startswith("<think>"):
+        elif e[1] in PAIR_DROPS:
             want_pair_drop[e[1]] = want_pair_drop.get(e[1], 0) + 1
     want_drop["bad_json"] = 1
     assert stats["rows_read"] == len(expected) + 1
@@ -80,7 +88,7 @@ def test_prepare_applies_every_rule(raw_file, tiny_model, tmp_path):
     assert {k: v for k, v in stats["pref_dropped"].items() if v} == want_pair_drop
     assert {r["id"]: r["response"] for r in sft} == {i: e[0] for i, e in expected.items() if isinstance(e, tuple)}
     assert {r["id"]: (r["chosen"], r["rejected"]) for r in pref} == \
-        {i: e for i, e in expected.items() if isinstance(e, tuple) and e[1].startswith("<think>")}
+        {i: e for i, e in expected.items() if isinstance(e, tuple) and e[1] not in PAIR_DROPS}
     for r in pref:  # the pair's chosen trace is the SFT trace of the same problem
         assert r["chosen"] == next(s["response"] for s in sft if s["id"] == r["id"])
         assert r["problem"] == fixture_rows()[r["id"]][0]["problem"]
@@ -135,10 +143,61 @@ def test_qwen_boundary(qwen_tokenizer):
     assert tok.decode(ids[:n_prompt]) == (
         f"<|im_start|>system\n{data.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n"
         "<|im_start|>assistant\n")
-    # |y| counts the response and the closing <|im_end|> and newline (SPEC 1)
-    assert tok.decode(ids[n_prompt:]) == response + "<|im_end|>\n"
-    assert ids[n_prompt:][-2:] == [151645, 198]  # <|im_end|>, "\n"
+    # |y| counts the response, the closing <|im_end|> and newline, and the EOS the authors' trainers append
+    assert tok.decode(ids[n_prompt:]) == response + "<|im_end|>\n<|endoftext|>"
+    assert ids[n_prompt:][-3:] == [151645, 198, 151643]  # <|im_end|>, "\n", <|endoftext|> (this tokenizer's EOS)
     assert ids[:2] == [151644, 8948]  # <|im_start|>, "system"
+    [(ids_no_eos, n_prompt_no_eos)] = data.encode_chats(tok, [problem], [response], append_eos=False)
+    assert (ids_no_eos, n_prompt_no_eos) == (ids[:-1], n_prompt)
+    assert tok.decode(ids_no_eos[n_prompt:]) == response + "<|im_end|>\n"
+    # an empty response is still a response: the template's closing tokens and the EOS
+    [(ids, n_prompt)] = data.encode_chats(tok, [problem], [""])
+    assert ids[n_prompt:] == [151645, 198, 151643]
+
+
+def authors_count(tok, role, text):
+    """The authors' length script (PAPER.md §1), written out: the one message chat-templated alone, + 1."""
+    return len(tok.apply_chat_template([{"role": role, "content": text}], tokenize=True,
+                                       add_generation_prompt=False)["input_ids"]) + 1
+
+
+def of_length(tok, role, n, make):
+    """make(k) for the k whose authors' count is exactly n; make(k) must grow by one token per step of k >= 1."""
+    k = 1 + n - authors_count(tok, role, make(1))
+    assert authors_count(tok, role, make(k)) == n
+    return make(k)
+
+
+def test_length_filter_counts_as_the_authors(qwen_tokenizer, tmp_path):
+    """The authors kept a triplet iff prompt <= 800 and both responses <= 19,000 of THEIR tokens: the response
+    templated alone (so with the default system turn this template inserts, and the assistant header) + 1, the
+    prompt templated alone without a generation prompt + 1. Their count differs from the trained one by -2
+    (prompt) and +23 (response), so pairs at 19,001 of theirs are kept by the other count and dropped here."""
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer)
+    trace = lambda k: "<think>\n" + " x" * k + "\n</think>\n\\boxed{1}"  # noqa: E731  " x" is one token
+    question = lambda k: "What is" + " x" * k + "?"  # noqa: E731
+    short = question(3)
+    y = {n: of_length(tok, "assistant", n, trace) for n in (19_000, 19_001)}
+    x = {n: of_length(tok, "user", n, question) for n in (800, 801)}
+    rows = {"chosen_19000": (short, y[19_000], RIGHT), "rejected_19000": (short, RIGHT, y[19_000]),
+            "chosen_19001": (short, y[19_001], RIGHT), "rejected_19001": (short, RIGHT, y[19_001]),
+            "prompt_800": (x[800], RIGHT, WRONG), "prompt_801": (x[801], RIGHT, WRONG)}
+    raw_rows = [raw(i, [c, r], [True, False], [True, True], problem=p, name=name)
+                for i, (name, (p, c, r)) in enumerate(rows.items())]
+    src = write_jsonl(tmp_path / "raw.jsonl", raw_rows)
+
+    def kept(*flags):
+        prepare(src, qwen_tokenizer, tmp_path / "out", "--seed", -1, *flags)
+        return [list(rows)[r["id"]] for r in read_jsonl(tmp_path / "out/pref.jsonl")]
+
+    assert kept() == ["chosen_19000", "rejected_19000", "prompt_800"]
+    stats = json.loads((tmp_path / "out/stats.json").read_text())
+    assert stats["pref_dropped"]["response_too_long"] == 2 and stats["pref_dropped"]["prompt_too_long"] == 1
+    # the trained count: the prompt has the assistant header (800 of theirs is 802), the response has no
+    # system turn (19,001 of theirs is 18,978)
+    [(ids, n_prompt)] = data.encode_chats(tok, [x[800]], [y[19_001]])
+    assert (n_prompt, len(ids) - n_prompt) == (802, 18_978)
+    assert kept("--length-count", "trained") == ["chosen_19000", "rejected_19000", "chosen_19001", "rejected_19001"]
 
 
 def test_boundary_merge_is_detected(qwen_tokenizer):

@@ -126,6 +126,11 @@ def test_prompt_and_stop_tokens_with_the_real_qwen_tokenizer(qwen_tokenizer):
     templated = ev.build_prompt(tok, "What is 1+1?", "lighteval", think_prefix=False)
     assert "efficiently and clearly.  The last line" in templated  # two spaces, as the authors' template
     assert templated.endswith("before answering.\n\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    # the authors' evaluation: the same user turn, and their generation prompt with no newline before <think>
+    authors = ev.build_prompt(tok, "What is 1+1?", "lighteval")
+    assert authors == templated[:-len("\n")] + "<think>\n"
+    assert authors.endswith("What is 1+1?<|im_end|>\n<|im_start|>assistant<think>\n")
+    assert authors.startswith("<|im_start|>system\n" + ev.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\nSolve the")
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +146,10 @@ def test_extraction_edge_cases():
     assert ev.extract_answer("</think>so \\boxed 5.") == ("5.", "ok")
     assert ev.extract_answer("</think>\\fbox{7}") == ("7", "ok")
     assert ev.extract_answer("</think>\\boxed{12") == (None, "no_answer")  # cut off inside the box
-    assert ev.extract_answer("<think>a</think>\\boxed{1}</think>\\boxed{2}") == ("2", "ok")  # after the last </think>
+    # the authors' grader reads the text after the FIRST </think>, up to a second one if any
+    assert ev.extract_answer("<think>a</think>\\boxed{1}</think>\\boxed{2}") == ("1", "ok")
+    assert ev.extract_answer("<think>a</think>no box yet</think>\\boxed{2}") == (None, "no_answer")
+    assert ev.extract_answer("<think>a</think>\\boxed{1} \\boxed{3}</think>x</think>\\boxed{2}") == ("3", "ok")
 
 
 @pytest.mark.parametrize("gold,answer,expected", [
@@ -157,6 +165,13 @@ def test_grading_tricky_pairs(grader, gold, answer, expected):
     response = f"<think>\nwork\n</think>\nSo the answer is $\\boxed{{{answer}}}$."
     [g] = ev.grade_responses(grader, [response], [gold])
     assert (g["answer"], g["correct"], g["grade_timeout"]) == (answer, expected, False)
+
+
+def test_two_think_closings_are_graded_on_the_first_answer(grader):
+    """The authors' grader: a response that closes </think> twice is scored on the answer after the first."""
+    response = "<think>\nsum\n</think>\nSo $\\boxed{4}$.\n</think>\nNo, $\\boxed{5}$."
+    assert [(g["answer"], g["correct"]) for g in ev.grade_responses(grader, [response] * 2, ["4", "5"])] == \
+        [("4", True), ("4", False)]
 
 
 def test_a_hanging_grade_is_killed_counted_and_the_pool_goes_on(grader):
@@ -265,6 +280,33 @@ def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
     assert proc.returncode == 2 and "lacks the problem field 'problem'" in proc.stdout
     proc = run_script("eval.py", "score", tmp_path / "nope.jsonl", check=False)
     assert proc.returncode == 2 and "is not a file" in proc.stdout
+
+
+def test_report_marks_each_runs_best_checkpoint(tmp_path):
+    """The paper keeps each run's best checkpoint: the highest intermediate pass@1, the earlier on a tie. Step 0 (the
+    SFT model the run starts from) is shown but is not one of the run's checkpoints."""
+    def checkpoint(run, step, acc, sem=0.01):
+        (run / "ckpt" / f"step_{step:06d}").mkdir(parents=True)
+        (run / "eval" / f"step_{step:06d}").mkdir(parents=True)
+        summary = {"toy": {"pass@1": acc, "sem": sem, "pass@k": {"1": acc, "4": acc + 0.1}}, "average": {}}
+        (run / "eval" / f"step_{step:06d}" / "summary.json").write_text(json.dumps(summary))
+
+    sft, redi = tmp_path / "sft", tmp_path / "redi"
+    checkpoint(sft, 10, 0.9)
+    for step, acc in [(2, 0.3), (4, 0.45), (6, 0.45), (8, 0.2)]:
+        checkpoint(redi, step, acc)
+    (redi / "config.json").write_text(json.dumps({"model": str(sft / "ckpt" / "step_000010")}))
+    run_script("eval.py", "report", sft, redi, "--out", tmp_path / "report")
+    runs = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert runs[1]["evals"]["0"][0] == 0.9  # the starting model's accuracy, from the SFT run's eval
+    assert runs[1]["best"] == {"step": 4, "pass@1": 0.45, "sem": 0.01, "checkpoint": str(redi / "ckpt" / "step_000004")}
+    assert runs[0]["best"]["step"] == 10
+    assert (redi / "best").resolve() == redi / "ckpt" / "step_000004" and (sft / "best").resolve().name == "step_000010"
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if str(redi) in line)
+    assert row.startswith(f"| {redi} (step 8) | 20.0% +- 1.0% |") and "| **step 4: 45.0% +- 1.0%** |" in row
+    checkpoint(redi, 10, 0.5)  # a later, better checkpoint moves the link
+    run_script("eval.py", "report", redi, "--out", tmp_path / "report")
+    assert (redi / "best").resolve().name == "step_000010"
 
 
 @pytest.fixture(scope="module")

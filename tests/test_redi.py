@@ -177,11 +177,34 @@ def test_dpo_uses_its_cache_and_holds_one_model(tiny_model, pref_data, tmp_path,
 
 def test_bad_pair_rows_are_reported_not_trained_on(tiny_model, tmp_path):
     rows = pref_rows(10)
-    rows[0]["rejected"] = " "
+    rows[0]["rejected"] = ""  # an empty response is trained on, as the authors' trainers do
     rows[1]["rejected"] = rows[1]["chosen"]
     proc = train(tiny_model, write_jsonl(tmp_path / "pref.jsonl", rows), tmp_path / "out", "--stop-at-step", 1)
-    assert "10 rows, 8 pairs used" in proc.stdout
-    assert "empty response: 1" in proc.stdout and "chosen == rejected: 1" in proc.stdout
+    assert "10 rows, 9 pairs used" in proc.stdout
+    assert "warning: skipped bad rows: chosen == rejected: 1\n" in proc.stdout
+
+
+def test_eos_is_appended_and_an_empty_response_is_trained_on(qwen_tokenizer, tiny_model, tmp_path):
+    """With the real Qwen tokenizer: each response ends <|im_end|>, newline, EOS, also an empty one; the flag
+    drops the EOS. End to end, the flag reaches training (every chosen and rejected sequence is one token
+    shorter) and is recorded in config.json."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer)
+    rows = pref_rows(2)
+    rows[0]["rejected"] = ""
+    path = write_jsonl(tmp_path / "pref.jsonl", rows)
+    (_, y_w, y_l), _ = redi.load_pairs(path, tok, 800, 19_000)
+    assert tok.decode(y_w) == rows[0]["chosen"] + "<|im_end|>\n<|endoftext|>"
+    assert y_l == [151645, 198, 151643]  # <|im_end|>, "\n", <|endoftext|>: |y_l| = 3
+    (_, y_w2, y_l2), _ = redi.load_pairs(path, tok, 800, 19_000, append_eos=False)
+    assert (y_w2, y_l2) == (y_w[:-1], [151645, 198])
+    data_path = write_jsonl(tmp_path / "pref8.jsonl", pref_rows(8))
+    with_eos = train(tiny_model, data_path, tmp_path / "eos", "--stop-at-step", 1)
+    without = train(tiny_model, data_path, tmp_path / "no_eos", "--stop-at-step", 1, "--no-append-eos")
+    assert with_eos.returncode == without.returncode == 0
+    assert metrics(tmp_path / "eos")[0]["tokens"] == metrics(tmp_path / "no_eos")[0]["tokens"] + 16  # 8 pairs x 2
+    assert json.loads((tmp_path / "eos/config.json").read_text())["append_eos"] is True
+    assert json.loads((tmp_path / "no_eos/config.json").read_text())["append_eos"] is False
 
 
 def test_long_inputs_are_truncated_and_counted(tiny_model, pref_data, tmp_path):

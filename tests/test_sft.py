@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import common
 import data
 from common import TokenLogprobs, lr_at
+from sft import load_sft_examples
 
 
 def sft_rows(n, seed=0):
@@ -179,6 +180,21 @@ def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, t
         assert k == k2 and torch.equal(v, v2), k
     assert json.loads((ckpt / "run_config.json").read_text())["lr"] == 0
     assert (ckpt / "tokenizer.json").exists() and (tmp_path / "out/config.json").exists()
+
+
+def test_eos_is_appended_unless_turned_off(tiny_model, sft_data, tmp_path):
+    """Each example ends with the tokenizer's EOS, as the authors' TRL trainer appends it; --no-append-eos drops
+    it: every sequence of the step is one token shorter, and config.json says which."""
+    tok = data.demo_tokenizer()
+    with_eos = load_sft_examples(sft_data, tok, 10_000)
+    without = load_sft_examples(sft_data, tok, 10_000, append_eos=False)
+    assert [(ids[:-1], n) for ids, n in with_eos] == without and {ids[-1] for ids, _ in with_eos} == {tok.eos_token_id}
+    sft(tiny_model, sft_data, tmp_path / "eos", "--stop-at-step", 1)
+    sft(tiny_model, sft_data, tmp_path / "no_eos", "--stop-at-step", 1, "--no-append-eos")
+    a, b = (read_jsonl(tmp_path / out / "metrics.jsonl")[0] for out in ("eos", "no_eos"))
+    assert a["tokens"] == b["tokens"] + 8  # one EOS per sequence, batch 8
+    assert [json.loads((tmp_path / out / "config.json").read_text())["append_eos"] for out in ("eos", "no_eos")] == \
+        [True, False]
 
 
 def test_context_window_overrides(tiny_model):
