@@ -175,4 +175,4 @@ def test_bad_inputs_are_one_sentence(tiny_model, sft_data, tmp_path):
     assert proc.returncode == 2 and "is not" in proc.stdout and "Traceback" not in proc.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}])
     proc = sft(tiny_model, bad, tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "lacks the string field(s) ['response']" in proc.stdout
+    assert proc.returncode == 2 and f"{bad}, line 1 lacks the field 'response'" in proc.stdout
