@@ -269,9 +269,9 @@ class JsonlRows:
 
 def open_corpus(src, split, flag="--input"):
     """A local .jsonl/.json file, a .parquet file or folder, or a Hub dataset id. Returns an object with len() and
-    [i] -> dict, the set of column names, and where those were read ("no row on lines 1-1000 has", "it has no column"). A jsonl file's columns are its first
-    1,000 rows' fields; its first row must be a JSON object, or the file is no JSON-lines corpus at all (a later
-    row that is not one is skipped and counted as bad_json)."""
+    [i] -> dict, the set of column names, and the words that say where a missing one was looked for. A jsonl file's
+    columns are its first 1,000 rows' fields; its first row must be a JSON object, or the file is no JSON-lines
+    corpus at all (a later row that is not one is skipped and counted as bad_json)."""
     path = Path(src)
     if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
         die(f"{flag} {src!r} does not exist")
@@ -285,7 +285,8 @@ def open_corpus(src, split, flag="--input"):
             if not isinstance(first, dict):
                 die(f"{src}, line {lines[0]} is {JSON_TYPES[type(first)]}, not an object; expected JSON lines, "
                     "one object per line (a .json file holding one array is not that)")
-        return rows, rows.columns(), f"no row on lines {lines[0]}-{lines[min(1000, len(lines)) - 1]} has" if lines else ""
+        sampled = f"lines {lines[0]}-{lines[min(1000, len(lines)) - 1]}" if lines else "no lines"
+        return rows, rows.columns(), f"no row on {sampled} has"
     import datasets
     try:
         if path.is_file() and path.suffix == ".parquet":

@@ -32,7 +32,7 @@ def demo_tokenizer(texts=(), vocab_size=512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer)
-    tok.add_special_tokens(["<|im_end|>", "<|endoftext|>", "<|im_start|>"])  # ids fixed here, after the learnt vocabulary
+    tok.add_special_tokens(["<|im_end|>", "<|endoftext|>", "<|im_start|>"])  # their ids: after the learnt vocabulary
     # eos is <|endoftext|>, as in Qwen2.5-Math's base tokenizer: training appends it after the chat template's
     # closing <|im_end|>\n. eval.py stops at either (eval.stop_token_ids), so the student still stops at <|im_end|>.
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|endoftext|>",

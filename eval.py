@@ -462,10 +462,10 @@ def print_table(summary):
 
 # A results line. Required: the fields every version of eval.py wrote. Optional: fields added since, each with the
 # value a line without it is read as.
-RESULT_FIELDS = {"benchmark": (str, "a string"), "problem_id": ((str, int), "a string or integer"), "sample": (int, "an integer"),
-                 "response": (str, "a string"), "answer": ((str, type(None)), "a string or null"),
-                 "correct": (bool, "true or false"), "num_tokens": (int, "an integer"),
-                 "finish_reason": (str, "a string")}
+RESULT_FIELDS = {"benchmark": (str, "a string"), "problem_id": ((str, int), "a string or integer"),
+                 "sample": (int, "an integer"), "response": (str, "a string"),
+                 "answer": ((str, type(None)), "a string or null"), "correct": (bool, "true or false"),
+                 "num_tokens": (int, "an integer"), "finish_reason": (str, "a string")}
 OPTIONAL_RESULT_FIELDS = {"grade_timeout": ((bool, "true or false"), False),  # absent: no grade known to have timed out
                           "gold": (((str, type(None)), "a string"), None)}  # absent: unknown (no metric reads it)
 

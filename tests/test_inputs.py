@@ -181,9 +181,10 @@ MINIMUM = ("benchmark", "problem_id", "sample", "response", "answer", "correct",
 
 def results(n_problems=2, n_samples=2):
     """Lines as eval.py writes them now; problem k's sample j is right when j < k."""
-    return [{"benchmark": "toy", "problem_id": f"q{k}", "sample": j, "response": f"<think>\nWait\n</think>\\boxed{{{k}}}",
-             "answer": str(k), "gold": str(k), "correct": j < k, "grade_timeout": False, "num_tokens": 10 + j,
-             "finish_reason": "stop"} for k in range(n_problems) for j in range(n_samples)]
+    return [{"benchmark": "toy", "problem_id": f"q{k}", "sample": j,
+             "response": f"<think>\nWait\n</think>\\boxed{{{k}}}", "answer": str(k), "gold": str(k), "correct": j < k,
+             "grade_timeout": False, "num_tokens": 10 + j, "finish_reason": "stop"}
+            for k in range(n_problems) for j in range(n_samples)]
 
 
 def test_score_reads_a_file_with_only_the_minimum_fields(capsys, tmp_path):
@@ -300,7 +301,8 @@ def test_report_file_errors(capsys, run_folder, tmp_path, file, content, expecte
 def test_report_paths_of_the_wrong_kind(capsys, run_folder, tmp_path):
     file = run_folder / "config.json"
     assert f"run '{file}' is not a folder" in error(capsys, ev.report, SimpleNamespace(runs=[str(file)], out="x"))
-    assert f"--out '{file}' is a file" in error(capsys, ev.report, SimpleNamespace(runs=[str(run_folder)], out=str(file)))
+    assert f"--out '{file}' is a file" in \
+        error(capsys, ev.report, SimpleNamespace(runs=[str(run_folder)], out=str(file)))
 
 
 # -----------------------------------------------------------------------------
