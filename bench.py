@@ -437,7 +437,7 @@ def build_model_folder(args, path):
     """Random Qwen2-architecture weights with tied embeddings (as Qwen2.5-1.5B), and a tokenizer, saved once. The
     tokenizer only supplies pad and stop ids: the benchmarks feed token ids directly."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from data import demo_tokenizer
+    from demo import demo_tokenizer
     tokenizer = demo_tokenizer()
     heads = args.hidden // 64
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,

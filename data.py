@@ -3,7 +3,6 @@ length-sorted batching that sft.py and redi.py share.
 
     python data.py prepare --input open-r1/OpenR1-Math-Raw --tokenizer Qwen/Qwen2.5-Math-1.5B --out data/
     python data.py prepare --input raw.jsonl --tokenizer path/to/model --out data/   # local jsonl/parquet
-    python data.py demo --out demo/   # an offline toy corpus, held-out test set and tiny student
 
 prepare writes DIR/sft.jsonl (problem, response), DIR/pref.jsonl (problem, chosen, rejected),
 DIR/stats.json, and prints what it kept and dropped, by reason.
@@ -17,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import die
+from common import die, print0
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # SPEC 1
 LABELS = {  # SPEC 1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
@@ -25,7 +24,7 @@ LABELS = {  # SPEC 1: correct = Llama judge AND Math-Verify; which Math-Verify c
     "answer": "math_verify_answer",
 }
 # A ChatML template in the shape of Qwen2.5-Math's own: a default system turn, <|im_end|>\n after
-# every turn. Used for the demo student (real runs use the base model's template).
+# every turn. Used for demo.py's student and the tests (real runs use the base model's template).
 CHATML_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
     "{{- '<|im_start|>system\\n" + SYSTEM_PROMPT.replace("\\", "\\\\") + "<|im_end|>\\n' }}"
@@ -114,30 +113,108 @@ def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT, append_eos=True)
 
 
 # -----------------------------------------------------------------------------
-# reading prepared data and batching it (sft.py, redi.py)
+# reading input files, for every script: a problem with one stops the run with one sentence naming the file
+# and its 1-based line (STYLE 8), never a traceback
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+              float: "a number", type(None): "null"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def read_jsonl(path, fields):
-    """Rows of a prepared jsonl file, each checked to have the string fields named."""
+def check_file(path, flag, expected):
+    """path as a Path, if it is an existing file; else stop. expected: what it should be, in words."""
     path = Path(path)
+    if path.is_dir():
+        die(f"{flag} {str(path)!r} is a folder; expected {expected}")
     if not path.is_file():
-        die(f"--data {str(path)!r} does not exist (expected a jsonl file written by `data.py prepare`)")
-    rows = []
-    with path.open() as f:
+        die(f"{flag} {str(path)!r} does not exist; expected {expected}")
+    return path
+
+
+def check_model_path(path, flag, files):
+    """Stop when a local --model/--tokenizer is a file, or a folder with none of `files` in it. A path that does not
+    exist is left to the loader: it may be a Hub id."""
+    p = Path(path)
+    if p.is_file():
+        die(f"{flag} {path!r} is a file; expected a model folder (as save_pretrained writes it) or a Hub id")
+    if p.is_dir() and not any((p / name).is_file() for name in files):
+        die(f"{flag} {path!r} is a folder with no {' or '.join(files)}; expected a model folder (as save_pretrained "
+            "writes it) or a Hub id")
+
+
+def decode_line(line):
+    """One line of a JSON-lines file, as bytes -> (value, None), or (None, what is wrong with it)."""
+    try:
+        return json.loads(line.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return None, f"is not UTF-8 text (byte {e.start + 1} of the line)"
+    except json.JSONDecodeError as e:
+        return None, f"is not JSON ({e.msg}, column {e.colno})"
+
+
+def read_json_lines(path, flag, expected, cut_last_ok=False):
+    """Yields (line number, value) for each non-blank line of a JSON-lines file; a line that is not UTF-8 or not
+    JSON stops the run. With cut_last_ok, one exception: a last line without its newline, which is what a crash
+    mid-write leaves (its writer reruns what it held), is skipped with a note saying where."""
+    path = check_file(path, flag, expected)
+    with path.open("rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{path}:{n} is not valid JSON ({e})")
-            bad = [k for k in fields if not isinstance(row.get(k), str)]
-            if bad:
-                die(f"{path}:{n} lacks the string field(s) {bad}; expected {list(fields)}")
-            rows.append(row)
+            value, wrong = decode_line(line)
+            if wrong and cut_last_ok and not line.endswith(b"\n"):  # only the last line can lack its newline
+                print0(f"note: {path}, line {n}, the last, is cut short (as a crash mid-write leaves it); skipped")
+            elif wrong:
+                die(f"{path}, line {n} {wrong}; expected {expected}, one JSON object per line")
+            else:
+                yield n, value
+
+
+def read_json(path, flag, expected):
+    """A JSON file (summary.json, config.json); a file that is not UTF-8 or not JSON stops the run."""
+    path = check_file(path, flag, expected)
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        die(f"{path}, line {line} is not UTF-8 text; expected {expected}")
+    except json.JSONDecodeError as e:
+        die(f"{path}, line {e.lineno} is not JSON ({e.msg}, column {e.colno}); expected {expected}")
+
+
+def bad_fields(row, fields):
+    """What is wrong with a row's fields, in words (or None). fields: name -> (accepted types, the same in words).
+    JSON's true/false is never taken for a number."""
+    if not isinstance(row, dict):
+        return f"is {JSON_TYPES.get(type(row), 'not an object')}, not an object"
+    for name, (types, words) in fields.items():
+        types = types if isinstance(types, tuple) else (types,)
+        value = row.get(name, ...)
+        if value is ...:
+            return f"lacks the field {name!r} ({words})"
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"has {name!r} = {json.dumps(value)[:40]}, not {words}"
+    return None
+
+
+def read_jsonl(path, fields):
+    """The rows of a prepared jsonl file (--data of sft.py and redi.py), each with the string fields named. Any bad
+    line stops the run: `data.py prepare` wrote this file, so a bad line means it was damaged or is another file."""
+    expected = f"a jsonl file written by `data.py prepare` (string fields {', '.join(fields)})"
+    rows = []
+    for n, row in read_json_lines(path, "--data", expected):
+        wrong = bad_fields(row, {name: (str, "a string") for name in fields})
+        if wrong:
+            die(f"{path}, line {n} {wrong}; expected {expected}")
+        rows.append(row)
     if not rows:
-        die(f"--data {str(path)!r} holds no examples")
+        die(f"--data {str(path)!r} holds no rows; expected {expected}")
     return rows
+
+
+# -----------------------------------------------------------------------------
+# batching prepared data (sft.py, redi.py)
 
 
 def batch_for_step(step, n_examples, batch_size, seed):
@@ -203,27 +280,30 @@ REQUIRED = ("problem", "source", "generations", "correctness")  # problem_is_val
 
 class JsonlRows:
     """Random access to the lines of a jsonl file without holding it in memory (the raw corpus is
-    tens of GB): byte offsets are indexed once, rows parsed on demand."""
+    tens of GB): byte offsets are indexed once, rows parsed on demand. A row that is not UTF-8 or not
+    JSON reads as None, which check_row counts as bad_json."""
 
     def __init__(self, path):
-        self.path, self.offsets = path, []
+        self.path, self.offsets, self.line_numbers = path, [], []  # line_numbers: 1-based, blank lines skipped
         with open(path, "rb") as f:
             pos = 0
-            for line in f:
+            for n, line in enumerate(f, 1):
                 if line.strip():
                     self.offsets.append(pos)
+                    self.line_numbers.append(n)
                 pos += len(line)
         self.file = open(path, "rb")
 
     def __len__(self):
         return len(self.offsets)
 
-    def __getitem__(self, i):
+    def read(self, i):
+        """(row, None), or (None, what is wrong with the line)."""
         self.file.seek(self.offsets[i])
-        try:
-            return json.loads(self.file.readline())
-        except json.JSONDecodeError:
-            return None
+        return decode_line(self.file.readline())
+
+    def __getitem__(self, i):
+        return self.read(i)[0]
 
     def columns(self, sample=1000):
         keys = set()
@@ -233,13 +313,26 @@ class JsonlRows:
         return keys
 
 
-def open_corpus(src, split):
-    """A local .jsonl/.json file, a .parquet file or folder, or a Hub dataset id. Returns an object
-    with len(), [i] -> dict and the set of column names."""
+def open_corpus(src, split, flag="--input"):
+    """A local .jsonl/.json file, a .parquet file or folder, or a Hub dataset id. Returns an object with len() and
+    [i] -> dict, the set of column names, and the words that say where a missing one was looked for. A jsonl file's
+    columns are its first 1,000 rows' fields; its first row must be a JSON object, or the file is no JSON-lines
+    corpus at all (a later row that is not one is skipped and counted as bad_json)."""
     path = Path(src)
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+        die(f"{flag} {src!r} does not exist")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         rows = JsonlRows(path)
-        return rows, rows.columns()
+        lines = rows.line_numbers
+        if lines:
+            first, wrong = rows.read(0)
+            if wrong:
+                die(f"{src}, line {lines[0]} {wrong}; expected JSON lines, one object per line")
+            if not isinstance(first, dict):
+                die(f"{src}, line {lines[0]} is {JSON_TYPES[type(first)]}, not an object; expected JSON lines, "
+                    "one object per line (a .json file holding one array is not that)")
+        sampled = f"lines {lines[0]}-{lines[min(1000, len(lines)) - 1]}" if lines else "no lines"
+        return rows, rows.columns(), f"no row on {sampled} has"
     import datasets
     try:
         if path.is_file() and path.suffix == ".parquet":
@@ -247,9 +340,10 @@ def open_corpus(src, split):
         else:
             ds = datasets.load_dataset(src, split=split)
     except Exception as e:  # the datasets library raises many kinds for "not found"
-        die(f"--input {src!r} is neither a local .jsonl/.parquet file nor a loadable dataset "
-            f"({e.__class__.__name__}: {e})")
-    return ds, set(ds.column_names)
+        what = "a folder that `datasets` cannot load" if path.is_dir() else \
+            "neither a local .jsonl/.parquet file nor a loadable dataset"
+        die(f"{flag} {src!r} is {what} ({e.__class__.__name__}: {e})")
+    return ds, set(ds.column_names), "it has no column"
 
 
 def check_row(row, label, validity_filter):
@@ -299,17 +393,21 @@ def first_correct_and_incorrect(row, label):
 def prepare(args):
     from common import load_tokenizer
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        die(f"--out {args.out!r} is a file; expected a folder (it is created if missing)")
+    check_model_path(args.tokenizer, "--tokenizer", TOKENIZER_FILES)
     label = LABELS[args.label]
     validity_filter = not args.no_validity_filter
-    corpus, columns = open_corpus(args.input, args.split)
+    # Fatal: a file that is not a JSON-lines corpus (its first row is not a JSON object), no rows, or no row with the
+    # schema's fields. Anything wrong with a single row after that is skipped and counted by check_row.
+    corpus, columns, where = open_corpus(args.input, args.split)
+    if len(corpus) == 0:
+        die(f"--input {args.input!r} has no rows")
     required = REQUIRED + (("problem_is_valid",) if validity_filter else ())
     missing = [c for c in required if c not in columns]
     if missing:
-        die(f"--input {args.input!r} is not in the OpenR1-Math-Raw schema: it has no {missing} column(s) "
-            f"(found {sorted(columns)})")
-    if len(corpus) == 0:
-        die(f"--input {args.input!r} has no rows")
+        die(f"--input {args.input!r} is not in the OpenR1-Math-Raw schema: {where} {missing} (found {sorted(columns)})")
+    out.mkdir(parents=True, exist_ok=True)
     if hasattr(corpus, "select_columns"):  # Arrow: skip decoding the columns no rule reads
         corpus = corpus.select_columns([c for c in required + ("answer",) if c in columns])
     tokenizer = load_tokenizer(args.tokenizer)
@@ -394,120 +492,6 @@ def prepare(args):
         print("warning: no preference triplets kept")
 
 
-
-# -----------------------------------------------------------------------------
-# demo: an offline toy corpus in the OpenR1-Math-Raw schema, held-out problems and a tiny student
-
-
-def demo_tokenizer(texts=(), vocab_size=512):
-    """A byte-level BPE with Qwen's three special tokens and a ChatML template like Qwen2.5-Math's.
-    Digits are always single tokens, as in Qwen's tokenizer. Without texts: one token per byte. With
-    texts (the demo's prompts and traces): merges learnt from them, so sequences are ~3x shorter."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(texts), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
-                                   additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-
-
-def demo_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0):
-    """A randomly initialised Qwen2-architecture student with tied embeddings, like Qwen2.5-1.5B."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
-
-
-# The toy teacher's mistakes, per column (or per trace for the last one): each is a slip a model
-# doing column addition also makes, and each propagates to the final answer as a reasoning slip does.
-SLIPS = {"misread": 0.03,  # a digit of the problem is read as another digit (the tiny student's own main error)
-         "forget_carry": 0.08,  # a carry is not added to the next column
-         "misadd": 0.02,  # a column's sum is off by one
-         "miscopy": 0.02}  # the final answer is copied with two neighbouring digits swapped
-
-
-def teacher_trace(a, b, rng, slips=SLIPS):
-    """Column addition written out step by step, right to left, e.g. for 958 + 67:
-        <think>
-        958+67
-        8+7=15 c1
-        5+6+1=12 c1
-        9+0+1=10 c1
-        =1025
-        </think>
-        \\boxed{1025}
-    Returns (trace, the answer it ends with)."""
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, digits, carry = [f"<think>\n{a}+{b}"], [], 0
-    for i in range(max(len(da), len(db))):
-        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
-        if rng.random() < slips["misread"]:
-            wrong = int(rng.integers(9))
-            x, y = (wrong + (wrong >= x), y) if rng.random() < 0.5 else (x, wrong + (wrong >= y))
-        total = x + y + carry
-        if rng.random() < slips["misadd"]:
-            total = max(0, total + (1 if rng.random() < 0.5 else -1))
-        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}" + (" c1" if total >= 10 else ""))
-        digits.append(total % 10)
-        carry = total // 10
-        if carry and rng.random() < slips["forget_carry"]:
-            carry = 0
-    if carry:
-        digits.append(carry)
-    answer = "".join(map(str, digits[::-1]))
-    if len(answer) > 1 and rng.random() < slips["miscopy"]:
-        k = int(rng.integers(len(answer) - 1))
-        answer = answer[:k] + answer[k + 1] + answer[k] + answer[k + 2:]
-    lines.append(f"={answer}\n</think>\n\\boxed{{{answer}}}")
-    return "\n".join(lines), int(answer)
-
-
-def demo(args):
-    """Writes DIR/raw.jsonl (the OpenR1-Math-Raw schema), DIR/test.jsonl (held-out problems) and DIR/model
-    (a random student and its tokenizer, whose merges are learnt from the corpus)."""
-    from eval import extract_answer  # the evaluator's own rule labels the teacher's traces
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    pairs = set()
-    while len(pairs) < args.problems + args.test_problems:
-        pairs.add(tuple(int(x) for x in rng.integers(10 ** (args.digits - 1), 10 ** args.digits, 2)))
-    pairs = sorted(pairs, key=lambda _: rng.random())
-    rows = []
-    for a, b in pairs[:args.problems]:
-        generations, labels = [], []
-        while len(generations) < args.max_tries and not any(labels):  # sampled until right, as in the paper
-            trace, _ = teacher_trace(a, b, rng)
-            generations.append(trace)
-            labels.append(extract_answer(trace)[0] == str(a + b))
-        rows.append({"problem": f"What is {a} + {b}?", "answer": str(a + b), "source": "demo", "problem_is_valid": "Yes",
-                     "generations": generations, "correctness": {"llama_verification": labels,
-                                                                 "math_verify_answer": labels,
-                                                                 "math_verify_reparsed_answer": labels}})
-    (out / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "test.jsonl").write_text("".join(json.dumps({"id": k, "problem": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
-                                            for k, (a, b) in enumerate(pairs[args.problems:])))
-    texts = [SYSTEM_PROMPT, "system\n", "user\n", "assistant\n"] + [r["problem"] for r in rows] + \
-        [g for r in rows for g in r["generations"]]
-    tokenizer = demo_tokenizer(texts)
-    demo_model(tokenizer, args.hidden_size, args.layers, seed=args.seed).save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    n_traces = sum(len(r["generations"]) for r in rows)
-    n_right = sum(sum(r["correctness"]["llama_verification"]) for r in rows)
-    print(f"wrote {out / 'raw.jsonl'} ({args.problems:,} problems, {n_traces:,} teacher traces, {n_right / n_traces:.0%} "
-          f"right), {out / 'test.jsonl'} ({args.test_problems:,} held out), {out / 'model'} ({len(tokenizer)} tokens)")
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -515,7 +499,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="raw teacher traces -> sft.jsonl, pref.jsonl, stats.json")
-    p.add_argument("--input", default="open-r1/OpenR1-Math-Raw", help="Hub dataset id, or a local .jsonl/.parquet")
+    p.add_argument("--input", default="open-r1/OpenR1-Math-Raw",
+                   help="Hub dataset id, or a local .jsonl/.parquet. Stops if the first row is not a JSON object or "
+                        "no row has the schema's fields; a later bad row (not UTF-8, not JSON, a field missing or "
+                        "mistyped) is skipped and counted by reason in stats.json")
     p.add_argument("--split", default="train", help="split of a Hub dataset")
     p.add_argument("--tokenizer", default="Qwen/Qwen2.5-Math-1.5B", help="base model's tokenizer (Hub id or folder)")
     p.add_argument("--out", required=True, help="output folder")
@@ -534,17 +521,8 @@ def main():
                         "the paper's 53,175 (PAPER.md §1): [user] and [assistant] each templated alone, + 1; "
                         "'trained' as sft.py/redi.py see them (prompt with its assistant header; response with "
                         "its closing tokens and EOS), so that redi.py's truncation never cuts a kept pair")
-    p = sub.add_parser("demo", help="offline toy corpus, held-out test set and tiny student model")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--problems", type=int, default=6000, help="training problems in raw.jsonl")
-    p.add_argument("--test-problems", type=int, default=400, help="held-out problems in test.jsonl")
-    p.add_argument("--digits", type=int, default=8, help="digits per addend")
-    p.add_argument("--max-tries", type=int, default=4, help="teacher samples per problem, stopping at the first correct")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    {"prepare": prepare, "demo": demo}[args.command](args)
+    prepare(args)
 
 
 if __name__ == "__main__":

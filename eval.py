@@ -33,7 +33,8 @@ import torch.distributed as dist
 from math_verify import parse, verify
 
 from common import cleanup, die, init_dist, load_model, load_tokenizer, print0
-from data import SYSTEM_PROMPT, open_corpus, render_chat
+from data import (JSON_TYPES, SYSTEM_PROMPT, TOKENIZER_FILES, bad_fields, check_file, check_model_path, open_corpus,
+                  read_json, read_json_lines, render_chat)
 
 # Hub copies of the paper's benchmarks. Fields checked against each dataset card (none is reachable offline,
 # so none of these was loaded here): MATH-500 500 test rows (SPEC 4); AIME 2024 30 rows; AMC: the authors'
@@ -96,7 +97,10 @@ parser.add_argument("--grade-timeout", type=float, default=5.0, help="seconds pe
 parser.add_argument("--out", required=True, help="output folder: results.jsonl, summary.json, config.json")
 
 score_parser = argparse.ArgumentParser(prog="eval.py score", description="rebuild summary.json from a results file")
-score_parser.add_argument("results", help="a results.jsonl written by eval.py; summary.json is written beside it")
+score_parser.add_argument("results", help="a results.jsonl written by eval.py; summary.json is written beside it. "
+                          "Each line needs benchmark, problem_id, sample, response, answer, correct, num_tokens and "
+                          "finish_reason; grade_timeout is optional (absent: false). A last line cut short by a crash "
+                          "is skipped, with a note")
 report_parser = argparse.ArgumentParser(prog="eval.py report", description="compare training runs: one table, "
                                         "and Figure-6-style plots of accuracy, LogPS and update norm over steps")
 report_parser.add_argument("runs", nargs="+", help="run folders of sft.py/redi.py, each with eval/step_N/summary.json "
@@ -117,13 +121,18 @@ def gold_text(value):
 
 
 def load_problems(args):
-    """{benchmark: [{"id", "problem", "gold"}]} in dataset order."""
-    sources = {}  # name -> (rows, problem field, answer field, id field, where)
+    """{benchmark: [{"id", "problem", "gold"}]} in dataset order. A row without a string problem or without an answer
+    stops the run, naming its line (jsonl) or its row (parquet, Hub; counted from 1)."""
+    sources = {}  # name -> (rows, their line numbers or None, problem field, answer field, id field, where, hint)
     if args.data:
-        if not Path(args.data).is_file():
-            die(f"--data {args.data!r} is not a file (expected a .jsonl or .parquet of problems)")
-        rows, _ = open_corpus(args.data, "train")
-        sources[Path(args.data).stem] = (rows, args.problem_field, args.answer_field, args.id_field, args.data)
+        path = check_file(args.data, "--data", "a .jsonl or .parquet file of problems")
+        if path.suffix == ".parquet":
+            rows, lines = open_corpus(args.data, "train", "--data")[0], None
+        else:
+            numbered = list(read_json_lines(path, "--data", "a jsonl file of problems"))
+            rows, lines = [row for _, row in numbered], [n for n, _ in numbered]
+        sources[path.stem] = (rows, lines, args.problem_field, args.answer_field, args.id_field, args.data,
+                              "; point --problem-field and --answer-field at the fields that hold them")
     for name in args.benchmark or ([] if args.data else ["math500"]):
         import datasets
         hub_id, config, split, problem_field, answer_field, id_field = BENCHMARKS[name]
@@ -132,14 +141,16 @@ def load_problems(args):
         except Exception as e:  # the datasets library raises many kinds for "not found" / offline
             die(f"benchmark {name}: could not load {hub_id} ({e.__class__.__name__}: {e}); offline, pass a local "
                 f"copy with --data")
-        sources[name] = (rows, problem_field, answer_field, id_field, hub_id)
+        sources[name] = (rows, None, problem_field, answer_field, id_field, hub_id, "")
     problems = {}
-    for name, (rows, problem_field, answer_field, id_field, where) in sources.items():
+    for name, (rows, lines, problem_field, answer_field, id_field, where, hint) in sources.items():
+        fields = {problem_field: (str, "a string"), answer_field: ((str, int, float, list), "a string, number or list")}
         items = []
         for i in range(len(rows) if args.limit is None else min(args.limit, len(rows))):
             row = rows[i]
-            if not isinstance(row, dict) or not isinstance(row.get(problem_field), str) or row.get(answer_field) is None:
-                die(f"{where} row {i} lacks the problem field {problem_field!r} or the answer field {answer_field!r}")
+            wrong = bad_fields(row, fields)
+            if wrong:
+                die(f"{where}, {f'line {lines[i]}' if lines else f'row {i + 1}'} {wrong}{hint}")
             items.append({"id": str(row.get(id_field, i)) if id_field else str(i), "problem": row[problem_field],
                           "gold": gold_text(row[answer_field])})
         if not items:
@@ -413,7 +424,8 @@ def summarize(records):
     for r in records:
         table.setdefault(r["benchmark"], {}).setdefault(r["problem_id"], {})[r["sample"]] = {
             "correct": r["correct"], "tokens": r["num_tokens"], "waits": count_wait(r["response"]),
-            "status": extract_answer(r["response"])[1], "timeout": r["grade_timeout"], "finish": r["finish_reason"]}
+            "status": extract_answer(r["response"])[1], "finish": r["finish_reason"],
+            "timeout": r.get("grade_timeout", OPTIONAL_RESULT_FIELDS["grade_timeout"][1])}
     summary = {}
     for name, problems in table.items():
         n = min(len(samples) for samples in problems.values())
@@ -463,13 +475,26 @@ def print_table(summary):
 # results files
 
 
+# A results line. Required: the fields every version of eval.py wrote. Optional: fields added since, each with the
+# value a line without it is read as.
+RESULT_FIELDS = {"benchmark": (str, "a string"), "problem_id": ((str, int), "a string or integer"),
+                 "sample": (int, "an integer"), "response": (str, "a string"),
+                 "answer": ((str, type(None)), "a string or null"), "correct": (bool, "true or false"),
+                 "num_tokens": (int, "an integer"), "finish_reason": (str, "a string")}
+OPTIONAL_RESULT_FIELDS = {"grade_timeout": ((bool, "true or false"), False),  # absent: no grade known to have timed out
+                          "gold": (((str, type(None)), "a string"), None)}  # absent: unknown (no metric reads it)
+
+
 def iter_results(path):
-    with open(path) as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
+    """The records of a results file, each checked for RESULT_FIELDS (and the types of the optional ones it has). A
+    last line cut short by a crash is skipped with a note; a rerun into the same --out generates its sample again."""
+    expected = f"a results.jsonl written by eval.py (fields {', '.join(RESULT_FIELDS)})"
+    for n, r in read_json_lines(path, "results file", expected, cut_last_ok=True):
+        wrong = bad_fields(r, RESULT_FIELDS) or \
+            bad_fields(r, {k: types for k, (types, _) in OPTIONAL_RESULT_FIELDS.items() if k in r})
+        if wrong:
+            die(f"{path}, line {n} {wrong}; expected {expected}")
+        yield r
 
 
 def write_results(f, jobs, responses, finishes, grades):
@@ -514,25 +539,69 @@ def write_summary(results_path):
 # comparing runs
 
 
+def read_summary(path):
+    """(pass@1, sem, pass@k) of an evaluated checkpoint: its one benchmark's, or the average over its benchmarks."""
+    expected = "a summary.json written by eval.py"
+    summary = read_json(path, "summary", expected)
+    benchmarks = [k for k in summary if k != "average"] if isinstance(summary, dict) else []
+    name = benchmarks[0] if len(benchmarks) == 1 else "average"
+    if not benchmarks or name not in summary:
+        die(f"{path} has no {'benchmark' if not benchmarks else 'average'} entry; expected {expected}")
+    s = summary[name]
+    wrong = bad_fields(s, {"pass@1": ((int, float), "a number"), "pass@k": (dict, "an object")})
+    if not wrong and not (s["pass@k"] and all(k.isdigit() and type(v) in (int, float) for k, v in s["pass@k"].items())):
+        wrong = f"has 'pass@k' = {json.dumps(s['pass@k'])[:40]}, not an object of k: number"
+    if not wrong and type(s.get("sem")) not in (int, float, type(None)):  # sem is optional
+        wrong = f"has 'sem' = {json.dumps(s['sem'])[:40]}, not a number"
+    if wrong:
+        die(f"{path}: its {name!r} entry {wrong}; expected {expected}")
+    return s["pass@1"], s.get("sem"), s["pass@k"]
+
+
+REPORT_KEYS = ("chosen_logps_per_token", "rejected_logps_per_token", "update_norm")  # what report() reads per step
+
+
+def read_metrics(path):
+    """A run's metrics.jsonl: one object per step with an integer step; each of REPORT_KEYS that line 1 has must be a
+    number on every line. A last line cut short by a crash is skipped, with a note."""
+    expected = "a metrics.jsonl written by sft.py or redi.py"
+    metrics = []
+    for n, m in read_json_lines(path, "metrics", expected, cut_last_ok=True):
+        first = metrics[0] if metrics else m
+        keys = [k for k in REPORT_KEYS if isinstance(first, dict) and k in first]
+        wrong = bad_fields(m, {"step": (int, "an integer"), **{k: ((int, float), "a number") for k in keys}})
+        if wrong:
+            die(f"{path}, line {n} {wrong}; expected {expected}")
+        metrics.append(m)
+    return metrics
+
+
 def run_report(run):
     """One run's evaluated checkpoints and training dynamics: {step: (pass@1, sem, pass@k)}, metrics.jsonl, and
     its best checkpoint, the one the paper keeps (SPEC 3): the highest intermediate pass@1, the earlier on a tie."""
+    run = Path(run)
+    if not run.is_dir():
+        die(f"run {str(run)!r} is not a folder; expected a run folder of sft.py/redi.py with eval/step_N/summary.json")
     evals = {}
-    for path in sorted(Path(run).glob("eval/step_*/summary.json")):
-        summary = json.loads(path.read_text())
-        s = next(v for k, v in summary.items() if k != "average") if len(summary) == 2 else summary["average"]
-        evals[int(path.parent.name.split("_")[1])] = (s["pass@1"], s.get("sem"), s["pass@k"])
+    for path in sorted(run.glob("eval/step_*/summary.json")):
+        if re.fullmatch(r"step_\d+", path.parent.name):  # not step_final, step_5.bak, ...
+            evals[int(path.parent.name[5:])] = read_summary(path)
     if not evals:
         die(f"{run} has no eval/step_N/summary.json: evaluate its checkpoints first")
     step = min(evals, key=lambda k: (-evals[k][0], k))  # among this run's own checkpoints, before step 0 joins
     best = {"step": step, "pass@1": evals[step][0], "sem": evals[step][1],
-            "checkpoint": str(Path(run) / "ckpt" / f"step_{step:06d}")}
-    metrics = list(iter_results(Path(run) / "metrics.jsonl")) if (Path(run) / "metrics.jsonl").exists() else []
+            "checkpoint": str(run / "ckpt" / f"step_{step:06d}")}
+    metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    config = read_json(run / "config.json", "config", "the config.json of an sft.py/redi.py run") \
+        if (run / "config.json").exists() else {}
+    wrong = bad_fields(config, {"model": (str, "a string")} if isinstance(config, dict) and "model" in config else {})
+    if wrong:
+        die(f"{run / 'config.json'} {wrong}; expected the config.json of an sft.py/redi.py run")
     # Step 0 is the starting model: when it is an evaluated checkpoint of another run, take its accuracy.
-    start = Path(json.loads((Path(run) / "config.json").read_text())["model"]).resolve() \
-        if (Path(run) / "config.json").exists() else None
-    if start and (start.parent.parent / "eval" / start.name / "summary.json").exists() and 0 not in evals:
-        evals[0] = run_report(start.parent.parent)["evals"][int(start.name.split("_")[1])]
+    start = Path(config["model"]).resolve() if "model" in config else None
+    if start and re.fullmatch(r"step_\d+", start.name) and 0 not in evals \
+            and (start.parent.parent / "eval" / start.name / "summary.json").exists():
+        evals[0] = run_report(start.parent.parent)["evals"][int(start.name[5:])]
     return {"run": str(run), "evals": dict(sorted(evals.items())), "best": best, "metrics": metrics}
 
 
@@ -542,6 +611,8 @@ def report(args):
     seeds (one folder per seed) are also averaged: mean and standard deviation over seeds of the final pass@1.
     Each run folder gets RUN/best, a link to its best checkpoint (as RUN/final links the last), for run.sh's final
     evaluation; report.json names it too."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        die(f"--out {args.out!r} is a file; expected a folder (it is created if missing)")
     runs = [run_report(r) for r in args.runs]
     lines = ["| run (last step) | pass@1 | pass@k | best checkpoint: pass@1 | chosen LogPS | rejected LogPS "
              "| max update norm | collapse |", "|---" * 8 + "|"]
@@ -617,9 +688,13 @@ def load_for_generation(args, device):
 
 def check_out_folder(args):
     """A rerun may add samples or benchmarks to --out, but not with different sampling settings."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        die(f"--out {args.out!r} is a file; expected a folder (it is created if missing)")
     path = Path(args.out) / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path, "--out's", "the config.json an earlier eval.py run wrote there")
+        if not isinstance(old, dict):
+            die(f"{path} is {JSON_TYPES.get(type(old))}, not an object; expected the config.json of an eval.py run")
         changed = [k for k in SAMPLING_KEYS if k in old and old[k] != getattr(args, k)]
         if changed:
             die(f"--out {args.out!r} holds samples made with other settings ({', '.join(changed)}); use a new --out")
@@ -698,14 +773,14 @@ def run(args):
 
 def main():
     if sys.argv[1:2] == ["score"]:
-        args = score_parser.parse_args(sys.argv[2:])
-        if not Path(args.results).is_file():
-            die(f"{args.results!r} is not a file (expected a results.jsonl written by eval.py)")
-        write_summary(args.results)
+        write_summary(score_parser.parse_args(sys.argv[2:]).results)
     elif sys.argv[1:2] == ["report"]:
         report(report_parser.parse_args(sys.argv[2:]))
     else:
-        run(parser.parse_args())
+        args = parser.parse_args()
+        check_model_path(args.model, "--model", ("config.json",))
+        check_model_path(args.model, "--model", TOKENIZER_FILES)  # the tokenizer is read from the same folder
+        run(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe as plain commands. Paths, model and GPU count are environment variables.
 #
-#   bash run.sh demo    offline, on a CPU: a toy corpus and a tiny student made by data.py demo
+#   bash run.sh demo    offline, on a CPU: a toy corpus and a tiny student made by demo.py
 #                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SEEDS)
 #   bash run.sh paper   the paper's recipe (SPEC 1-2) on one 8-GPU node (default)
 set -euo pipefail
@@ -22,7 +22,7 @@ if [ "$MODE" = demo ]; then
     # Toy corpus in the OpenR1-Math-Raw schema: 8-digit column addition. The teacher sometimes misreads
     # a digit, forgets a carry, mis-adds or miscopies, and is resampled until right; a tiny random Qwen2
     # student (hidden 64, 2 layers) with a BPE tokenizer learnt from the corpus.
-    python data.py demo --out $OUT --problems $PROBLEMS --test-problems $TEST --digits 8
+    python demo.py --out $OUT --problems $PROBLEMS --test-problems $TEST --digits 8
     python data.py prepare --input $OUT/raw.jsonl --tokenizer $OUT/model --out $OUT/data
 
     # Stage 1: SFT on the correct traces, checkpoints at 3/4 and at the end to show the plateau

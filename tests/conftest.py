@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import CHATML_TEMPLATE, demo_model, demo_tokenizer  # noqa: E402
+from data import CHATML_TEMPLATE  # noqa: E402
+from demo import demo_model, demo_tokenizer  # noqa: E402
 
 
 def run_script(*args, nproc=1, check=True, timeout=600):

@@ -122,7 +122,7 @@ def test_wrong_schema_is_one_clear_error(tiny_model, tmp_path):
     rows = [{"problem": "p", "answer": "1", "source": "s", "problem_is_valid": "Yes", "correctness": {}}]
     proc = prepare(write_jsonl(tmp_path / "raw.jsonl", rows), tiny_model, tmp_path / "out", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "no ['generations'] column" in proc.stdout
+    assert "no row on lines 1-1 has ['generations']" in proc.stdout
 
 
 def test_keeping_nothing_fails(tiny_model, tmp_path):

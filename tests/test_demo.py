@@ -1,4 +1,4 @@
-"""run.sh demo at a reduced size: the whole pipeline (data.py demo and prepare, sft.py, six redi.py runs,
+"""run.sh demo at a reduced size: the whole pipeline (demo.py, data.py prepare, sft.py, six redi.py runs,
 eval.py on every checkpoint, eval.py report) completes, and the table comes from the real runs' files."""
 import json
 import os
@@ -35,3 +35,28 @@ def test_demo_pipeline_end_to_end(tmp_path):
     first = {r: read_jsonl(out / "seed0" / r / "metrics.jsonl")[0]["chosen_logps_per_token"] for r in runs}
     assert max(first.values()) - min(first.values()) < 1e-4
     assert re.search(r"\| .*e_dpo .*\| \d", table)
+
+
+def test_demo_student_ends_its_turn_like_qwen():
+    """Its eos is <|endoftext|>, as Qwen2.5-Math's base tokenizer's (training appends it after <|im_end|>\\n), and
+    eval.py stops generation at <|im_end|> as well, so the student still stops at the end of its turn."""
+    import eval as ev
+    from demo import demo_tokenizer
+    tok = demo_tokenizer()
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    assert ev.stop_token_ids(tok) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+def test_imports_run_one_way():
+    """demo.py -> eval.py -> data.py -> common.py, and never back."""
+    import ast
+    local = {"common", "data", "eval", "demo", "sft", "redi", "bench"}
+    imported = {}
+    for name in local:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported[name] = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                          for a in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                                  if isinstance(node, ast.ImportFrom) and node.module}
+        imported[name] &= local - {name}
+    assert imported["common"] == set() and imported["data"] == {"common"}
+    assert imported["eval"] == {"common", "data"} and imported["demo"] == {"common", "data", "eval"}

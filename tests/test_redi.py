@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 import common
 import redi
 from common import TokenLogprobs
-from data import demo_tokenizer, encode_chats
+from data import encode_chats
+from demo import demo_tokenizer
 
 
 def pref_rows(n, seed=0):
@@ -68,7 +69,7 @@ def test_losses_against_hand_worked_values():
 
 @pytest.fixture(scope="module")
 def lm_and_pairs():
-    from data import demo_model
+    from demo import demo_model
     tok = demo_tokenizer()
     torch.manual_seed(0)
     lm = demo_model(tok, hidden_size=32, layers=2).float()

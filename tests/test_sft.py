@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import common
 import data
+import demo
 from common import TokenLogprobs, lr_at
 from sft import load_sft_examples
 
@@ -164,7 +165,7 @@ def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, t
     """With LR 0 the saved weights must be the starting weights, bit for bit (tied and untied heads)."""
     if arch == "llama":
         start = tmp_path / "llama"
-        tok = data.demo_tokenizer()
+        tok = demo.demo_tokenizer()
         LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2,
                                      tie_word_embeddings=False)).save_pretrained(start)
@@ -185,7 +186,7 @@ def test_checkpoint_is_a_model_folder_that_reloads(arch, tiny_model, sft_data, t
 def test_eos_is_appended_unless_turned_off(tiny_model, sft_data, tmp_path):
     """Each example ends with the tokenizer's EOS, as the authors' TRL trainer appends it; --no-append-eos drops
     it: every sequence of the step is one token shorter, and config.json says which."""
-    tok = data.demo_tokenizer()
+    tok = demo.demo_tokenizer()
     with_eos = load_sft_examples(sft_data, tok, 10_000)
     without = load_sft_examples(sft_data, tok, 10_000, append_eos=False)
     assert [(ids[:-1], n) for ids, n in with_eos] == without and {ids[-1] for ids, _ in with_eos} == {tok.eos_token_id}
@@ -211,7 +212,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model, sft_data, tmp_path):
     with torch.no_grad():
         lm.model.norm.weight[0] = math.nan
     lm.save_pretrained(tmp_path / "nan_model")
-    data.demo_tokenizer().save_pretrained(tmp_path / "nan_model")
+    demo.demo_tokenizer().save_pretrained(tmp_path / "nan_model")
     proc = sft(tmp_path / "nan_model", sft_data, tmp_path / "out", check=False)
     assert proc.returncode == 2 and "the loss is nan at step 1" in proc.stdout
     assert not (tmp_path / "out/ckpt").exists()
@@ -224,4 +225,4 @@ def test_bad_inputs_are_one_sentence(tiny_model, sft_data, tmp_path):
     assert proc.returncode == 2 and "is not" in proc.stdout and "Traceback" not in proc.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}])
     proc = sft(tiny_model, bad, tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "lacks the string field(s) ['response']" in proc.stdout
+    assert proc.returncode == 2 and f"{bad}, line 1 lacks the field 'response'" in proc.stdout
