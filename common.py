@@ -73,8 +73,23 @@ def die(message):
 # models
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_model_path(path, flag, files):
+    """Stop when a local --model/--tokenizer is a file, or a folder with none of `files` in it. A path that does not
+    exist is left to the loader: it may be a Hub id."""
+    p = Path(path)
+    if p.is_file():
+        die(f"{flag} {path!r} is a file; expected a model folder (as save_pretrained writes it) or a Hub id")
+    if p.is_dir() and not any((p / name).is_file() for name in files):
+        die(f"{flag} {path!r} is a folder with no {' or '.join(files)}; expected a model folder (as save_pretrained "
+            "writes it) or a Hub id")
+
+
 def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
+    check_model_path(path, "--tokenizer/--model", TOKENIZER_FILES)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -90,6 +105,7 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     weights; FSDP casts to bf16 for compute on GPUs). The two overrides are how the authors widened
     Qwen2.5-Math's 4k window to 32k (SPEC 2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    check_model_path(path, "--model", ("config.json",))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -288,6 +304,9 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
 
 
 def accumulation_steps(args, world_size):
+    """Checked before any work, with --out: micro-batches x accumulation x ranks must make the global batch."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        die(f"--out {args.out!r} is a file; expected a folder for the run (it is created if missing)")
     accumulation, rem = divmod(args.batch_size, args.micro_batch_size * world_size)
     if rem or accumulation == 0:
         die(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size} "
@@ -352,7 +371,12 @@ class Metrics:
             return
         kept = []
         if resume_step and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):  # cut short by the crash being resumed from
+                    print0(f"note: dropped a damaged line of {self.path} (past the checkpoint, written during a crash?)")
         self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, record):

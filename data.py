@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import die, print0
+from common import TOKENIZER_FILES, check_model_path, die, print0
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # SPEC 1
 LABELS = {  # SPEC 1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
@@ -118,9 +118,6 @@ def check_chat_template(tokenizer, system_prompt=SYSTEM_PROMPT, append_eos=True)
 
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
               float: "a number", type(None): "null"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def check_file(path, flag, expected):
     """path as a Path, if it is an existing file; else stop. expected: what it should be, in words."""
     path = Path(path)
@@ -129,17 +126,6 @@ def check_file(path, flag, expected):
     if not path.is_file():
         die(f"{flag} {str(path)!r} does not exist; expected {expected}")
     return path
-
-
-def check_model_path(path, flag, files):
-    """Stop when a local --model/--tokenizer is a file, or a folder with none of `files` in it. A path that does not
-    exist is left to the loader: it may be a Hub id."""
-    p = Path(path)
-    if p.is_file():
-        die(f"{flag} {path!r} is a file; expected a model folder (as save_pretrained writes it) or a Hub id")
-    if p.is_dir() and not any((p / name).is_file() for name in files):
-        die(f"{flag} {path!r} is a folder with no {' or '.join(files)}; expected a model folder (as save_pretrained "
-            "writes it) or a Hub id")
 
 
 def decode_line(line):

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from math_verify import parse, verify
 
-from common import cleanup, die, init_dist, load_model, load_tokenizer, print0
-from data import (JSON_TYPES, SYSTEM_PROMPT, TOKENIZER_FILES, bad_fields, check_file, check_model_path, open_corpus,
+from common import TOKENIZER_FILES, check_model_path, cleanup, die, init_dist, load_model, load_tokenizer, print0
+from data import (JSON_TYPES, SYSTEM_PROMPT, bad_fields, check_file, open_corpus,
                   read_json, read_json_lines, render_chat)
 
 # Hub copies of the paper's benchmarks. Fields checked against each dataset card (none is reachable offline,

@@ -149,9 +149,9 @@ def test_resume_equals_uninterrupted(tiny_model, sft_data, tmp_path):
     # what a crash leaves behind: a half-written checkpoint and a logged step past the last checkpoint
     (tmp_path / "cut/ckpt/step_000003.tmp").mkdir()
     with (tmp_path / "cut/metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": 3, "loss": 123.0, "grad_norm": 0.0}) + "\n")
+        f.write(json.dumps({"step": 3, "loss": 123.0, "grad_norm": 0.0}) + "\n" + '{"step": 4, "lo')  # cut mid-line
     proc = sft(tiny_model, sft_data, tmp_path / "cut", "--resume")
-    assert "resuming after step 2" in proc.stdout
+    assert "resuming after step 2" in proc.stdout and "dropped a damaged line" in proc.stdout
     resumed, full = losses(tmp_path / "cut"), losses(tmp_path / "full")
     assert [s for s, _, _ in resumed] == [1, 2, 3, 4, 5]
     assert [x for r in resumed for x in r] == pytest.approx([x for r in full for x in r], abs=1e-6)
@@ -221,8 +221,12 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model, sft_data, tmp_path):
 def test_bad_inputs_are_one_sentence(tiny_model, sft_data, tmp_path):
     proc = sft(tiny_model, sft_data, tmp_path / "out", "--micro-batch-size", 3, check=False)
     assert proc.returncode == 2 and "must be a multiple of --micro-batch-size 3" in proc.stdout
-    proc = sft(tmp_path, sft_data, tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "is not" in proc.stdout and "Traceback" not in proc.stderr
+    proc = sft(tmp_path, sft_data, tmp_path / "out", check=False)  # a folder that holds no model
+    assert proc.returncode == 2 and "is a folder with no tokenizer.json" in proc.stdout and proc.stderr == ""
+    proc = sft(sft_data, sft_data, tmp_path / "out", check=False)  # a file
+    assert proc.returncode == 2 and "is a file; expected a model folder" in proc.stdout and proc.stderr == ""
+    proc = sft(tiny_model, sft_data, sft_data, check=False)  # --out is a file
+    assert proc.returncode == 2 and "is a file; expected a folder for the run" in proc.stdout and proc.stderr == ""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "p"}])
     proc = sft(tiny_model, bad, tmp_path / "out", check=False)
     assert proc.returncode == 2 and f"{bad}, line 1 lacks the field 'response'" in proc.stdout
