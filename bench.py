@@ -60,8 +60,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 VOCAB = 151_936  # Qwen2/2.5's embedding rows
 N_ORDINARY = 151_643  # ids below this are ordinary BPE tokens; the special tokens start here
-LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-4, 1.0  # SPEC 3; the values change the numbers, not the work
-ALPHA, BETA = 0.8, 0.001  # SPEC 3: REDI's alpha, DPO's best beta
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-4, 1.0  # PAPER.md §3; the values change the numbers, not the work
+ALPHA, BETA = 0.8, 0.001  # PAPER.md §3: REDI's alpha, DPO's best beta
 MARK = "BENCH_RESULT "  # prefix of a worker's result line on stdout
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,7 +327,7 @@ def matmul_worker(device):
 
 
 def generate_worker(setup, device, trained=False):
-    """eval.py's generation path (load_for_generation; generate_batch with its top-p Sampler, SPEC 4's sampling):
+    """eval.py's generation path (load_for_generation; generate_batch with its top-p Sampler, PAPER.md §4's sampling):
     some prompts one at a time, then all of them as one batch. On the benchmark model (random weights, so the
     top-p nucleus is ~95% of the 151,936-token vocabulary and every row pays a full-vocabulary sort), or, with
     trained=True, on a real trained model (SmolLM2-135M-Instruct) with MATH-500 prompts in its chat template,

@@ -103,7 +103,7 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
                trust_remote_code=False, dtype=torch.float32):
     """A Hugging Face causal LM with its decoder layers at `model.model.layers`, in fp32 (master
     weights; FSDP casts to bf16 for compute on GPUs). The two overrides are how the authors widened
-    Qwen2.5-Math's 4k window to 32k (SPEC 2)."""
+    Qwen2.5-Math's 4k window to 32k (PAPER.md §2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     check_model_path(path, "--model", ("config.json",))
     try:
@@ -208,7 +208,7 @@ def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=Fa
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW per SPEC 2. Biases and norm gains (1-d tensors) get no weight decay, as in the HF Trainer
+    """AdamW per PAPER.md §2. Biases and norm gains (1-d tensors) get no weight decay, as in the HF Trainer
     the authors trained with."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -217,7 +217,7 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 
 def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
-    """Linear warmup over the first `warmup_frac` of the steps, then linear decay to 0 (SPEC 2).
+    """Linear warmup over the first `warmup_frac` of the steps, then linear decay to 0 (PAPER.md §2).
     `step` counts optimiser steps from 0; the first step already uses a non-zero rate."""
     warmup = math.ceil(warmup_frac * total_steps)
     if step < warmup:
@@ -267,17 +267,17 @@ def to_host(stats, device):
 
 
 def add_training_args(parser, *, lr, epochs, batch_size, save_every):
-    """The flags sft.py and redi.py share. Each stage passes its own paper defaults (SPEC 2, SPEC 3)."""
+    """The flags sft.py and redi.py share. Each stage passes its own paper defaults (PAPER.md §2, PAPER.md §3)."""
     g = parser.add_argument_group("model")
     g.add_argument("--out", required=True, help="output folder: config.json, metrics.jsonl, ckpt/step_N")
     g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="override the config's context window (authors: 32768 for Qwen2.5-Math, SPEC 2)")
-    g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, SPEC 2)")
+                   help="override the config's context window (authors: 32768 for Qwen2.5-Math, PAPER.md §2)")
+    g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, PAPER.md §2)")
     g.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
     g.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="do not append the tokenizer's "
                    "EOS after each conversation (the authors' TRL trainers do: it is trained, and counted in |y|)")
-    g = parser.add_argument_group("optimisation (AdamW, SPEC 2)")
+    g = parser.add_argument_group("optimisation (AdamW, PAPER.md §2)")
     g.add_argument("--lr", type=float, default=lr,
                    help="peak learning rate (default: %(default)s)" if lr else "peak learning rate (default: see --loss)")
     g.add_argument("--weight-decay", type=float, default=1e-4)

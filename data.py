@@ -1,4 +1,4 @@
-"""Data for both stages: raw teacher traces -> D_SFT and D_Pref (SPEC 1), and the tokenisation and
+"""Data for both stages: raw teacher traces -> D_SFT and D_Pref (PAPER.md §1), and the tokenisation and
 length-sorted batching that sft.py and redi.py share.
 
     python data.py prepare --input open-r1/OpenR1-Math-Raw --tokenizer Qwen/Qwen2.5-Math-1.5B --out data/
@@ -18,8 +18,8 @@ import torch
 
 from common import TOKENIZER_FILES, check_model_path, die, print0
 
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # SPEC 1
-LABELS = {  # SPEC 1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # PAPER.md §1
+LABELS = {  # PAPER.md §1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
     "reparsed": "math_verify_reparsed_answer",  # authors' code (reproduces 77,629 / 53,175)
     "answer": "math_verify_answer",
 }
@@ -52,7 +52,7 @@ def render_chat(tokenizer, problem, response=None, system_prompt=SYSTEM_PROMPT):
 def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT, append_eos=True):
     """Tokenise (problem, response) conversations in one batched call. For each, returns
     (input_ids, n_prompt): the response is input_ids[n_prompt:], i.e. every token after the generation
-    prompt, the closing <|im_end|> and what follows it included, then the tokenizer's EOS (SPEC 1's |y|).
+    prompt, the closing <|im_end|> and what follows it included, then the tokenizer's EOS (PAPER.md §1's |y|).
     The EOS is appended because the authors' trainers (TRL 0.17's SFT and DPO) append it after the
     templated conversation, so it is trained and counted (PAPER.md §1); append_eos=False leaves it off.
     Returns None for a conversation whose prompt tokens are not a prefix of its full tokens (a merge
@@ -259,7 +259,7 @@ def pack(sequences):
 
 
 # -----------------------------------------------------------------------------
-# prepare: OpenR1-Math-Raw -> D_SFT, D_Pref (SPEC 1)
+# prepare: OpenR1-Math-Raw -> D_SFT, D_Pref (PAPER.md §1)
 
 REQUIRED = ("problem", "source", "generations", "correctness")  # problem_is_valid too, when filtering
 
@@ -333,7 +333,7 @@ def open_corpus(src, split, flag="--input"):
 
 
 def check_row(row, label, validity_filter):
-    """The reason to skip a raw row, or None. Bad input first, then SPEC 1's rules in order. The authors
+    """The reason to skip a raw row, or None. Bad input first, then PAPER.md §1's rules in order. The authors
     skip a row for no problem, no generations, labels of another length or labels that are not
     booleans, and for nothing else: an empty generation is judged by its labels like any other
     (PAPER.md §1), and a null one is an empty one."""
@@ -369,7 +369,7 @@ def check_row(row, label, validity_filter):
 
 def first_correct_and_incorrect(row, label):
     """Indices of the first correct and first incorrect generation (None when there is none).
-    Correct = Llama judge AND Math-Verify both True; a null label counts as False (SPEC 1)."""
+    Correct = Llama judge AND Math-Verify both True; a null label counts as False (PAPER.md §1)."""
     judge, verify = row["correctness"]["llama_verification"], row["correctness"][label]
     correct = [j is True and v is True for j, v in zip(judge, verify)]
     return (correct.index(True) if True in correct else None,
@@ -499,9 +499,9 @@ def main():
                    help="keep rows whose problem_is_valid is not 'yes' (the paper mentions no such filter; "
                         "the authors' code applies it)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed, as the authors' code (-1: keep file order)")
-    p.add_argument("--max-prompt-tokens", type=int, default=800, help="D_Pref: drop longer prompts (SPEC 1)")
+    p.add_argument("--max-prompt-tokens", type=int, default=800, help="D_Pref: drop longer prompts (PAPER.md §1)")
     p.add_argument("--max-response-tokens", type=int, default=19000,
-                   help="D_Pref: drop pairs with a longer chosen or rejected response (SPEC 1)")
+                   help="D_Pref: drop pairs with a longer chosen or rejected response (PAPER.md §1)")
     p.add_argument("--length-count", choices=["authors", "trained"], default="authors",
                    help="how the two limits count tokens: 'authors' (default) as the authors' script, the count behind "
                         "the paper's 53,175 (PAPER.md §1): [user] and [assistant] each templated alone, + 1; "

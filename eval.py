@@ -1,4 +1,4 @@
-"""Evaluation (SPEC 4): sample answers with Hugging Face generate, grade them with math-verify, and report
+"""Evaluation (PAPER.md §4): sample answers with Hugging Face generate, grade them with math-verify, and report
 pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts).
 
     python eval.py --model runs/redi/final --out runs/redi/eval                 # MATH-500 x 4 samples
@@ -37,7 +37,7 @@ from data import (JSON_TYPES, SYSTEM_PROMPT, bad_fields, check_file, open_corpus
                   read_json, read_json_lines, render_chat)
 
 # Hub copies of the paper's benchmarks. Fields checked against each dataset card (none is reachable offline,
-# so none of these was loaded here): MATH-500 500 test rows (SPEC 4); AIME 2024 30 rows; AMC: the authors'
+# so none of these was loaded here): MATH-500 500 test rows (PAPER.md §4); AIME 2024 30 rows; AMC: the authors'
 # "AMC23" is the 83 AMC12 2022-2023 problems of AI-MO/aimo-validation-amc, with integer answers stored as floats
 # (the 40-problem AMC 2023 set, e.g. math-ai/amc23, is a different benchmark); Minerva 272 rows; OlympiadBench:
 # the 675 text-only English competition-math problems, config OE_TO_maths_en_COMP, whose final_answer is a list
@@ -50,7 +50,7 @@ BENCHMARKS = {  # name: (Hub id, config, split, problem field, answer field, id 
     "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train", "question", "final_answer", "id"),
 }
 
-# SPEC 4: the authors' user prompt (lighteval's MATH template), two spaces after "clearly." included.
+# PAPER.md §4: the authors' user prompt (lighteval's MATH template), two spaces after "clearly." included.
 LIGHTEVAL_PROMPT = ("Solve the following math problem efficiently and clearly.  The last line of your response "
                     "should be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope "
                     "it is correct' (without quotes) where ANSWER is just the final number or expression that "
@@ -67,24 +67,25 @@ parser.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, 
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
 # problems
 parser.add_argument("--benchmark", nargs="+", default=None, choices=list(BENCHMARKS),
-                    help="one or more (default math500, SPEC 4's intermediate eval, unless --data is given)")
+                    help="one or more (default math500, PAPER.md §4's intermediate eval, unless --data is given)")
 parser.add_argument("--data", default=None, help="a local .jsonl/.parquet of problems, named after its file stem")
 parser.add_argument("--problem-field", default="problem", help="--data: field holding the problem")
 parser.add_argument("--answer-field", default="answer", help="--data: field holding the gold answer")
 parser.add_argument("--id-field", default="id", help="--data: problem id field, if present (else the row number)")
 parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark (smoke tests)")
-# generation (SPEC 4)
+# generation (PAPER.md §4)
 parser.add_argument("--prompt", choices=["bare", "lighteval"], default="bare",
                     help="bare: the problem as the user turn, then '<|im_start|>assistant\\n<think>\\n' as in training "
                          "(default); lighteval: the authors' evaluation, behind the paper's numbers: lighteval's MATH "
                          "template around the problem, then '<|im_start|>assistant<think>\\n' (PAPER.md §4)")
 parser.add_argument("--no-think-prefix", dest="think_prefix", action="store_false",
-                    help="do not start the assistant turn with '<think>\\n' (SPEC 4 forces it, as the traces begin)")
+                    help="do not start the assistant turn with '<think>\\n' (PAPER.md §4 forces it, as the traces "
+                         "begin)")
 parser.add_argument("--samples", type=int, default=4,
                     help="n, samples per problem: 4 for intermediate evals, 16 for final ones (not --n: torchrun "
                          "would take it for an abbreviation of its own flags)")
 parser.add_argument("--temperature", type=float, default=0.6)
-parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; there is no top-k (SPEC 4)")
+parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling; there is no top-k (PAPER.md §4)")
 parser.add_argument("--max-new-tokens", type=int, default=30720, help="response budget (authors: 32,768 - 2,048)")
 parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                     help="prompt budget; a longer prompt is not generated and its samples count as wrong")
@@ -166,7 +167,7 @@ def load_problems(args):
 
 
 def build_prompt(tokenizer, problem, prompt="bare", think_prefix=True):
-    """The model's own chat template with SPEC 4's system prompt, up to the assistant turn, then <think>\\n.
+    """The model's own chat template with PAPER.md §4's system prompt, up to the assistant turn, then <think>\\n.
     bare: the problem as the user turn and the assistant header as in training, `<|im_start|>assistant\\n<think>\\n`.
     lighteval: what the authors' reported numbers used (PAPER.md §4): lighteval's MATH template around the
     problem, and their edited generation prompt, `<|im_start|>assistant<think>\\n`, with no newline between the
@@ -278,7 +279,7 @@ def last_boxed(text):
 
 
 def extract_answer(response):
-    """(answer, status) under the authors' rule (SPEC 4): no </think> -> (None, "unclosed"); else their grader reads
+    """(answer, status) under the authors' rule (PAPER.md §4): no </think> -> (None, "unclosed"); else their grader reads
     the text after the FIRST </think>, up to a second one if there is one (response.split("</think>")[1], PAPER.md
     §4): no boxed answer there -> (None, "no_answer"); else (its last boxed content, "ok")."""
     parts = response.split("</think>")
@@ -312,7 +313,7 @@ def _grade_worker(conn):
 
 class Grader:
     """A pool of math-verify worker processes with a hard per-answer timeout. math-verify's own timeout uses
-    SIGALRM: main thread only, and a Python handler cannot stop one long C-level operation (SPEC 4 saw a big
+    SIGALRM: main thread only, and a Python handler cannot stop one long C-level operation (PAPER.md §4 saw a big
     power like \\boxed{10^{10^{10^{10}}}} do that). So a worker that spends more than `timeout` seconds on one
     answer is killed from outside and replaced; the answer counts as wrong and as a timeout. Work goes out in
     chunks: no process, and no round trip, per answer."""
@@ -391,7 +392,7 @@ _default_grader = None
 
 
 def grade_many(responses, golds):
-    """Correctness of each response against its gold answer (SPEC 4's rule), on a pool started at first use."""
+    """Correctness of each response against its gold answer (PAPER.md §4's rule), on a pool started at first use."""
     global _default_grader
     _default_grader = _default_grader or Grader()
     return [g["correct"] for g in grade_responses(_default_grader, responses, golds)]
@@ -402,7 +403,7 @@ def grade(response, gold):
 
 
 # -----------------------------------------------------------------------------
-# metrics (SPEC 4)
+# metrics (PAPER.md §4)
 
 
 def pass_at_k(n, c, k):
@@ -578,7 +579,8 @@ def read_metrics(path):
 
 def run_report(run):
     """One run's evaluated checkpoints and training dynamics: {step: (pass@1, sem, pass@k)}, metrics.jsonl, and
-    its best checkpoint, the one the paper keeps (SPEC 3): the highest intermediate pass@1, the earlier on a tie."""
+    its best checkpoint, the one the paper keeps (PAPER.md §3): the highest intermediate pass@1, the earlier on a
+    tie."""
     run = Path(run)
     if not run.is_dir():
         die(f"run {str(run)!r} is not a folder; expected a run folder of sft.py/redi.py with eval/step_N/summary.json")
@@ -676,7 +678,7 @@ def report(args):
 
 def load_for_generation(args, device):
     """Tokenizer and model in eval mode: bf16 on GPUs, fp32 on CPUs. The model's own generation_config (some ship
-    top_k, repetition_penalty, ...) is replaced by an empty one so that only SPEC 4's sampling applies."""
+    top_k, repetition_penalty, ...) is replaced by an empty one so that only PAPER.md §4's sampling applies."""
     from transformers import GenerationConfig
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)

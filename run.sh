@@ -3,7 +3,7 @@
 #
 #   bash run.sh demo    offline, on a CPU: a toy corpus and a tiny student made by demo.py
 #                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SEEDS)
-#   bash run.sh paper   the paper's recipe (SPEC 1-2) on one 8-GPU node (default)
+#   bash run.sh paper   the paper's recipe (PAPER.md §1-2) on one 8-GPU node (default)
 set -euo pipefail
 MODE=${1:-paper}
 
@@ -13,7 +13,7 @@ if [ "$MODE" = demo ]; then
     PROBLEMS=${PROBLEMS:-6000}     # training problems: ~2,600 become pairs
     TEST=${TEST:-400}              # held-out problems
     SFT_EPOCHS=${SFT_EPOCHS:-8}    # enough for the student's accuracy to plateau (README)
-    SAMPLES=${SAMPLES:-4}          # samples per test problem (SPEC 4's intermediate evals)
+    SAMPLES=${SAMPLES:-4}          # samples per test problem (PAPER.md §4's intermediate evals)
     SEEDS=${SEEDS:-0}              # stage-2 data order and eval sampling; e.g. SEEDS="0 1 2"
     SFT_LR=3e-3                    # a tiny model trained from scratch needs a large LR
     LR=6e-5                        # stage 2: SFT's LR / 50, as the paper's 1e-6 after 5e-5
@@ -68,7 +68,7 @@ fi
 OUT=${OUT:-runs/paper}
 BASE=${BASE:-Qwen/Qwen2.5-Math-1.5B}
 NGPU=${NGPU:-8}
-# Which run to make (SPEC 2-3). The default is the paper's final model: REDI from SFT-5ep. The paper's
+# Which run to make (PAPER.md §2-3). The default is the paper's final model: REDI from SFT-5ep. The paper's
 # baselines and ablations start from SFT-3ep, a 3-epoch run with its own schedule (the 5-epoch run's
 # checkpoint after 3 epochs is not it: its LR has not decayed to 0 there). For example:
 #   SFT_EPOCHS=3 RUN2=redi                                                    REDI alpha 0.8, to compare with:
@@ -100,7 +100,7 @@ S2=$OUT/sft_${SFT_EPOCHS}ep-$RUN2   # e.g. runs/paper/sft_5ep-redi
     torchrun --nproc_per_node $NGPU redi.py --model $SFT/final --data $OUT/data/pref.jsonl --out $S2 \
         $STAGE2 --grad-checkpointing --save-every 100 --resume
 
-# Intermediate evals (SPEC 4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
+# Intermediate evals (PAPER.md §4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
 # checkpoint (an evaluation already done is not redone); the report marks each run's best checkpoint
 # and links RUN/best to it
 SFT_CKPT=$(readlink -f $SFT/final)
@@ -112,7 +112,7 @@ for CKPT in $S2/ckpt/step_*; do
 done
 python eval.py report $SFT $S2 --out $S2
 
-# Final evals (SPEC 4) of the best checkpoint: five benchmarks, 16 samples, pass@1 +- SEM and pass@16
+# Final evals (PAPER.md §4) of the best checkpoint: five benchmarks, 16 samples, pass@1 +- SEM and pass@16
 BEST=$(readlink -f $S2/best)
 torchrun --nproc_per_node $NGPU eval.py --model $BEST --benchmark math500 aime24 amc23 minerva olympiadbench \
     --samples 16 --prompt $PROMPT --out $S2/eval_final/$(basename $BEST)

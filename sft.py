@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning on the teacher's correct traces, D_SFT (SPEC 2, Eq. 1).
+"""Stage 1: supervised fine-tuning on the teacher's correct traces, D_SFT (PAPER.md §2, Eq. 1).
 
     L_SFT = - (1 / #response tokens in the step) * sum over those tokens of log pi(y_t | x, y_<t)
 
@@ -18,10 +18,11 @@ from common import (StepTimer, accumulation_steps, add_training_args, build_mode
 from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base model: Hub id or folder (SPEC 2)")
+parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base model: Hub id or folder (PAPER.md §2)")
 parser.add_argument("--data", required=True, help="sft.jsonl from `data.py prepare` (fields problem, response)")
-parser.add_argument("--max-length", type=int, default=32768, help="longer sequences are cut to this many tokens (SPEC 2)")
-# SPEC 2: LR 5e-5, batch 128 sequences; 3 epochs = the paper's ablation start point, 5 = its final SFT model
+parser.add_argument("--max-length", type=int, default=32768,
+                    help="longer sequences are cut to this many tokens (PAPER.md §2)")
+# PAPER.md §2: LR 5e-5, batch 128 sequences; 3 epochs = the paper's ablation start point, 5 = its final SFT model
 add_training_args(parser, lr=5e-5, epochs=3, batch_size=128, save_every=200)
 
 

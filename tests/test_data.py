@@ -1,4 +1,4 @@
-"""data.py: SPEC 1's selection rules on a fixture in the OpenR1-Math-Raw schema, bad input, the
+"""data.py: PAPER.md §1's selection rules on a fixture in the OpenR1-Math-Raw schema, bad input, the
 prompt/response boundary with the real Qwen2.5 tokenizer, and the batching both stages share."""
 import json
 

@@ -102,7 +102,7 @@ def test_warmup_then_linear_decay_to_zero():
     assert lrs[:3] == [0.5, 1.0, 1.0]
     assert lrs[11] == pytest.approx(9 / 18) and lrs[19] == pytest.approx(1 / 18)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
-    # 1,661 steps (SPEC 3): 167 warmup steps
+    # 1,661 steps (PAPER.md §3): 167 warmup steps
     assert lr_at(165, 1661, 1e-6) < 1e-6 and lr_at(166, 1661, 1e-6) == 1e-6
 
 
@@ -199,7 +199,7 @@ def test_eos_is_appended_unless_turned_off(tiny_model, sft_data, tmp_path):
 
 
 def test_context_window_overrides(tiny_model):
-    """SPEC 2: the authors widen Qwen2.5-Math's window with max_position_embeddings 32768, rope_theta 300000."""
+    """PAPER.md §2: the authors widen Qwen2.5-Math's window with max_position_embeddings 32768, rope_theta 300000."""
     lm = common.load_model(str(tiny_model), max_position_embeddings=32768, rope_theta=300000.0)
     assert lm.config.max_position_embeddings == 32768 and lm.config.rope_parameters["rope_theta"] == 300000.0
     dim = lm.config.hidden_size // lm.config.num_attention_heads
