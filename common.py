@@ -106,6 +106,7 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     Qwen2.5-Math's 4k window to 32k (PAPER.md §2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     check_model_path(path, "--model", ("config.json",))
+    _register_packed_sdpa()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -126,6 +127,27 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     if not hasattr(getattr(model, "model", None), "layers"):
         die(f"--model {path!r} is a {type(model).__name__}, whose decoder layers are not at model.model.layers")
     return model
+
+
+def packed_sdpa(module, query, key, value, attention_mask, seq_bounds=None, **kwargs):
+    """Attention for a packed row (data.Packed): PyTorch's SDPA with its causal kernel, run on each sequence of
+    the row in turn, so attention never crosses sequences and no (tokens x tokens) mask is ever built (the
+    block-diagonal mask transformers makes for `sdpa` from restarting position ids holds N^2 entries: 2.5 GB
+    more than this for one 11,443-token pair on this project's CPU benchmark model). seq_bounds: the host-side
+    start of each sequence and the row's end. query: (1, heads, N, head_dim). Returns (1, N, heads, head_dim)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    bounds = seq_bounds or (0, query.shape[2])
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
+                                   **kwargs)[0] for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_sdpa():
+    """Makes "packed_sdpa" an attn_implementation that from_pretrained accepts; its mask builder returns None."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register("packed_sdpa", packed_sdpa)
+    AttentionMaskInterface.register("packed_sdpa", lambda *args, **kwargs: None)
 
 
 def _chunk_logps(hidden, weight, bias, targets):
@@ -151,11 +173,12 @@ class TokenLogprobs(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, position_ids, pred_at, targets):
-        """input_ids, position_ids: (1, N); pred_at, targets: (R,) as in data.Packed. Returns (R,) float32
-        (float64 for a float64 model): the log-prob of each response token."""
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids,
-                               use_cache=False).last_hidden_state[0]  # (N, H)
+    def forward(self, input_ids, position_ids, pred_at, targets, seq_bounds=None):
+        """input_ids, position_ids: (1, N); pred_at, targets: (R,); seq_bounds: a tuple of host ints, as in
+        data.Packed. Returns (R,) float32 (float64 for a float64 model): the log-prob of each response token."""
+        packed = {"seq_bounds": seq_bounds} if self.lm.config._attn_implementation == "packed_sdpa" else {}
+        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               **packed).last_hidden_state[0]  # (N, H)
         h = hidden.index_select(0, pred_at)  # (R, H): the hidden state at t predicts token t + 1
         head = self.lm.get_output_embeddings()
         chunks = []
@@ -170,7 +193,7 @@ class TokenLogprobs(nn.Module):
 
 def sequence_logps(model, batch):
     """lp(y) of each sequence of a packed batch: (S,) sums of its response tokens' log-probs."""
-    token_logps = model(batch.input_ids, batch.position_ids, batch.pred_at, batch.targets)  # (R,)
+    token_logps = model(*batch.model_inputs)  # (R,)
     return token_logps.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, token_logps)  # (S,)
 
 

@@ -236,26 +236,34 @@ class Packed(NamedTuple):
     targets: torch.Tensor       # (R,) that next token
     seq_of: torch.Tensor        # (R,) which of the S sequences it belongs to
     lengths: torch.Tensor       # (S,) response tokens per sequence: |y|
+    seq_bounds: tuple           # (S + 1,) host ints: where each sequence starts, then N (for common.packed_sdpa)
 
     def to(self, device):
-        return Packed(*(t.to(device, non_blocking=True) for t in self))
+        return Packed(*(t.to(device, non_blocking=True) for t in self[:-1]), self.seq_bounds)
+
+    @property
+    def model_inputs(self):
+        """The arguments of common.TokenLogprobs.forward."""
+        return self.input_ids, self.position_ids, self.pred_at, self.targets, self.seq_bounds
 
 
 def pack(sequences):
     """sequences: list of (input_ids, n_prompt), the response being input_ids[n_prompt:]. Returns a Packed."""
-    ids, positions, pred_at, seq_of, lengths = [], [], [], [], []
+    ids, positions, pred_at, seq_of, lengths, bounds = [], [], [], [], [], []
     for s, (tokens, n_prompt) in enumerate(sequences):
         assert 1 <= n_prompt < len(tokens), "a sequence needs a prompt token and a response token"
         start = len(ids)
+        bounds.append(start)
         ids += tokens
         positions += range(len(tokens))
         pred_at += range(start + n_prompt - 1, start + len(tokens) - 1)
         seq_of += [s] * (len(tokens) - n_prompt)
         lengths.append(len(tokens) - n_prompt)
+    bounds = tuple(bounds) + (len(ids),)
     ids = torch.tensor([ids])
     pred_at = torch.tensor(pred_at)
     return Packed(ids, torch.tensor([positions]), pred_at, ids[0, pred_at + 1], torch.tensor(seq_of),
-                  torch.tensor(lengths))
+                  torch.tensor(lengths), bounds)
 
 
 # -----------------------------------------------------------------------------

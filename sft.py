@@ -58,7 +58,7 @@ def train_step(model, optimizer, batches, lr, args, device):
                                       sum(b.input_ids.shape[1] for b in batches)], device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share of the step's loss
     for b in batches:
-        loss = -model(b.input_ids, b.position_ids, b.pred_at, b.targets).sum() / step_tokens
+        loss = -model(*b.model_inputs).sum() / step_tokens
         loss.backward()
         loss_sum += loss.detach()
     loss = global_sum([loss_sum], device)[0]

@@ -243,6 +243,7 @@ def test_pack_lays_sequences_end_to_end_and_marks_the_responses():
     assert b.pred_at.tolist() == [1, 2, 4, 5]  # position 1 predicts 7, 2 predicts 8, 4 predicts 10, 5 predicts 11
     assert b.targets.tolist() == [7, 8, 10, 11]
     assert b.seq_of.tolist() == [0, 0, 1, 1] and b.lengths.tolist() == [2, 2]
+    assert b.seq_bounds == (0, 4, 7)  # host ints: where each sequence starts, then the row's end
 
 
 def test_seeds_give_independent_orders_per_seed_and_epoch():

@@ -54,12 +54,13 @@ def naive_logps(lm, sequences):
     return torch.cat(out)
 
 
-def test_packed_chunked_logprobs_equal_naive_values_and_gradients():
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
+def test_packed_chunked_logprobs_equal_naive_values_and_gradients(attn):
     """Three sequences packed in one row (attention must not cross them) and a head in chunks of 7 tokens, against
     each sequence alone with full logits. Values in fp32 (what a CPU run computes) to 1e-5. Gradients in fp64: in
     fp32 the two paths sum in different orders and a few of the 4.9M gradient entries differ by ~1e-5, varying from
     run to run (CI once saw 1.7e-5): too close to any tolerance to tell a bug from rounding. In fp64 both paths must
-    agree to rounding."""
+    agree to rounding. packed_sdpa (the default) runs SDPA per sequence; sdpa gets transformers' block-diagonal mask."""
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -67,27 +68,31 @@ def test_packed_chunked_logprobs_equal_naive_values_and_gradients():
     seqs = [(torch.randint(0, 151_936, (n,)).tolist(), p) for n, p in [(37, 5), (20, 19), (29, 1)]]
     batch = data.pack(seqs)
     assert batch.input_ids.shape == (1, 86) and batch.lengths.tolist() == [32, 1, 28]
+    common._register_packed_sdpa()
+    lm.config._attn_implementation = attn
+    naive_lm = Qwen2ForCausalLM(config).float()  # the naive side: plain sdpa, one sequence at a time
+    naive_lm.load_state_dict(lm.state_dict())
 
-    def both(lm):
-        chunked = TokenLogprobs(lm, chunk_size=7)(batch.input_ids, batch.position_ids, batch.pred_at, batch.targets)
+    def both(lm, naive_lm):
+        chunked = TokenLogprobs(lm, chunk_size=7)(*batch.model_inputs)
         chunked.sum().backward()
         grads = [p.grad.clone() for p in lm.parameters()]
-        lm.zero_grad()
-        naive = naive_logps(lm, seqs)
+        naive = naive_logps(naive_lm, seqs)
         naive.sum().backward()
         return chunked, naive, grads
 
-    chunked, naive, _ = both(lm)
+    chunked, naive, _ = both(lm, naive_lm)
     assert chunked.shape == (61,)
     torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
     lm.zero_grad()
-    chunked64, naive64, grads = both(lm.double())
+    naive_lm.zero_grad()
+    chunked64, naive64, grads = both(lm.double(), naive_lm.double())
     torch.testing.assert_close(chunked64, naive64, atol=1e-10, rtol=0)
-    for g, p in zip(grads, lm.parameters()):
+    for g, p in zip(grads, naive_lm.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-10, rtol=1e-8)
     lm.float()
     with torch.no_grad():  # the no-grad path (reference log-probs) is the same function without checkpointing
-        torch.testing.assert_close(TokenLogprobs(lm, 1000)(*batch[:4]), chunked)
+        torch.testing.assert_close(TokenLogprobs(lm, 1000)(*batch.model_inputs), chunked)
     sums = common.sequence_logps(TokenLogprobs(lm), batch)  # (S,): each sequence's response log-prob
     torch.testing.assert_close(sums, torch.stack([t.sum() for t in naive.detach().split([32, 1, 28])]), atol=1e-4, rtol=0)
 
