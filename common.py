@@ -296,7 +296,10 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the config's context window (authors: 32768 for Qwen2.5-Math, PAPER.md §2)")
     g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, PAPER.md §2)")
-    g.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
+    g.add_argument("--attn-implementation", default="packed_sdpa",
+                   help="packed_sdpa (default): SDPA's causal kernel on each packed sequence in turn, no mask; "
+                        "flash_attention_2 (needs the flash-attn package): its variable-length kernel; sdpa, eager, "
+                        "flex_attention: transformers' block-diagonal mask, quadratic in the packed row's length")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
     g.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="do not append the tokenizer's "
                    "EOS after each conversation (the authors' TRL trainers do: it is trained, and counted in |y|)")
