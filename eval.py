@@ -92,7 +92,8 @@ parser.add_argument("--batch-size", type=int, default=32,
 parser.add_argument("--engine", choices=["auto", "slots", "generate"], default="auto",
                     help="slots: fixed slots, each refilled as its sample stops, one decoding step captured as a CUDA "
                          "graph; generate: batches through model.generate, each until its longest sample stops. Both "
-                         "give a sample the same tokens. auto (default): slots on a GPU, generate on a CPU")
+                         "draw a sample from the same seeded uniforms with the same sampler. auto (default): slots on a "
+                         "GPU, generate on a CPU")
 parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="engine slots on a GPU: launch every decoding step from Python instead (to measure the graphs)")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
@@ -266,7 +267,12 @@ def generate_batch(model, jobs, args, pad_id, stop_ids, device):
 #   given to the model as its cache; a 4-D mask per step; an attention function registered with HF's
 #   AttentionInterface for the duration of a run (slot_attention). The model code is HF's, unchanged.
 # Sampling is eval.py's own (draw_prefiltered/draw_sorted, the code sample_top_p runs) with each sample's own seeded
-# uniforms, so a sample's tokens are the same as engine "generate" gives it, whatever slot, batch, rank or rerun.
+# uniforms, the ones Sampler draws: from the same logits, the same tokens as engine "generate". What is reproducible:
+# a rerun of the same jobs with the same engine, slots and machine repeats every token. The logits themselves agree
+# only to rounding across engines, batch mates and hardware (attention kernels, padding and windows differ; bf16 on
+# GPUs), and a draw that lands within rounding of a boundary of its CDF flips, after which the sample goes its own
+# way: never in the tests here (fp32, vocabularies up to 49k, trained or small); often for a random model with a
+# 152k vocabulary, whose CDF steps are ~1/150,000 apart (bench.py reports the share of samples that agree).
 
 SLOT_ATTENTION = "eval_slots"  # the name slot_attention is registered under while a SlotEngine runs
 
@@ -372,6 +378,7 @@ class SlotEngine:
         self.stopped = torch.zeros(slots, dtype=torch.bool, **dev)
         self.flags = torch.zeros(2, dtype=torch.bool, **dev)  # any short row, any stopped row
         self.steps = self.busy = 0  # decoding steps run, and slot-steps that carried a sample (utilisation)
+        self.full_steps, self.full_seconds = 0, 0.0  # steps with every slot busy, and their time (refills included)
 
     def _step(self, window):
         """One decoding step for all slots; no host sync, so a CUDA graph can hold it. Idle slots compute garbage
@@ -473,8 +480,10 @@ class SlotEngine:
         from transformers import AttentionInterface
         AttentionInterface.register(SLOT_ATTENTION, slot_attention)
         self.model.set_attn_implementation(SLOT_ATTENTION)
+        self.active.zero_(), self.pos.zero_(), self.t.zero_()  # a run abandoned midway leaves busy slots behind
         job_in = [None] * self.slots
         pos = np.zeros(self.slots, dtype=np.int64)  # the host's copy of self.pos: picks the window, no sync
+        last = time.perf_counter()
         try:
             with torch.no_grad():
                 if self.cuda_graphs and not self.graphs:
@@ -495,6 +504,10 @@ class SlotEngine:
                     self.steps, self.busy = self.steps + 1, self.busy + len(busy)
                     pos[busy] += 1
                     any_short, any_stopped = self.flags.tolist()  # the step's one sync
+                    now = time.perf_counter()
+                    if len(busy) == self.slots:
+                        self.full_steps, self.full_seconds = self.full_steps + 1, self.full_seconds + now - last
+                    last = now
                     if any_short:
                         self._redraw_short()
                     if not (any_stopped or any_short):

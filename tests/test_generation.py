@@ -2,7 +2,8 @@
 same sample must get the same tokens, num_tokens and finish reason, whatever the number of slots and the order in
 which slots are refilled; on a tiny random model, on a wide-vocabulary one whose nucleus always needs the full sort,
 and on a real trained model (SmolLM2-135M). Then eval.py end to end with --engine slots: the same results.jsonl as
---engine generate, a rerun that regenerates only what was lost, and two ranks that match one process."""
+--engine generate, a rerun that regenerates only what was lost, and two ranks that match one process. (The engines'
+logits agree to rounding, not bit for bit; no draw in these cases lies that close to a boundary of its CDF.)"""
 import json
 import math
 
