@@ -205,7 +205,7 @@ def draw_sorted(probs, u, top_p):
 
 class Sampler:
     """A logits processor that samples each row with its own torch.Generator, seeded per (problem, sample), so a
-    sample is the same whichever batch, rank or rerun produces it. It returns scores with one finite entry, so
+    sample draws the same numbers whichever batch, rank or rerun produces it. It returns scores with one finite entry, so
     generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
 
     def __init__(self, seeds, temperature, top_p):
@@ -343,6 +343,8 @@ class SlotEngine:
     step): whether a row's nucleus was wider than its top 1,024 tokens (redrawn from a full sort, as sample_top_p
     does; a random model's rows always are, a trained model's about never), and whether a sample stopped."""
 
+    prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
+
     def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
                  cuda_graphs=True):
         config = model.config
@@ -418,27 +420,25 @@ class SlotEngine:
         """assigned: [(slot, job)]. Each prompt but its last token goes into its slot's row, in right-padded groups
         (padding comes after a prompt, so causal attention never shows it to the prompt); the last prompt token is
         the slot's first decoding input, and that step samples the first new token."""
-        budget = 16384  # prompt tokens per forward
-        start = 0
-        while start < len(assigned):
-            end = start + 1
-            while end < len(assigned) and (end + 1 - start) * max(len(j["prompt_ids"]) for _, j in
-                                                                   assigned[start:end + 1]) <= budget:
-                end += 1
-            group = assigned[start:end]
+        groups = [[]]  # at most prefill_tokens per forward, padding included (a longer prompt goes alone)
+        for slot, job in assigned:
+            group = groups[-1] + [(slot, job)]
+            if len(group) > 1 and len(group) * max(len(j["prompt_ids"]) for _, j in group) > self.prefill_tokens:
+                groups.append([])
+            groups[-1].append((slot, job))
+        for group in groups:
             T = max(len(j["prompt_ids"]) for _, j in group) - 1
-            if T > 0:
-                ids = torch.full((len(group), T), self.pad_id, dtype=torch.long)
-                for i, (_, j) in enumerate(group):
-                    ids[i, :len(j["prompt_ids"]) - 1] = torch.tensor(j["prompt_ids"][:-1])
-                self.cache.prefill_rows = torch.tensor([s for s, _ in group], device=self.device)
-                try:
-                    self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1,
-                               position_ids=torch.arange(T, device=self.device).expand(len(group), T),
-                               **{self.cache_kw: self.cache})
-                finally:
-                    self.cache.prefill_rows = None
-            start = end
+            if T == 0:  # one-token prompts: the decoding step takes them
+                continue
+            ids = torch.full((len(group), T), self.pad_id, dtype=torch.long)
+            for i, (_, j) in enumerate(group):
+                ids[i, :len(j["prompt_ids"]) - 1] = torch.tensor(j["prompt_ids"][:-1])
+            self.cache.prefill_rows = torch.tensor([s for s, _ in group], device=self.device)
+            try:
+                self.model(input_ids=ids.to(self.device), position_ids=torch.arange(T, device=self.device).expand(
+                    len(group), T), use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+            finally:
+                self.cache.prefill_rows = None
         slots = torch.tensor([s for s, _ in assigned], device=self.device)
         budgets = [j.get("max_new_tokens", self.max_new_tokens) for _, j in assigned]
         self.tokens[slots] = torch.tensor([j["prompt_ids"][-1] for _, j in assigned], device=self.device)

@@ -21,10 +21,11 @@ def settings(max_new_tokens):
     return type("Args", (), {"max_new_tokens": max_new_tokens, "temperature": 0.6, "top_p": 0.95})
 
 
-def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id):
+def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384):
     """The engine's results, put back in job order (it yields them in the order samples stop)."""
     capacity = max(len(j["prompt_ids"]) for j in jobs) + max_new_tokens - 1
     engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id)
+    engine.prefill_tokens = prefill_tokens
     by_job = {id(job): result for job, result in engine.generate(jobs)}
     assert len(by_job) == len(jobs)  # each job exactly once
     return [by_job[id(j)] for j in jobs], engine
@@ -47,10 +48,11 @@ def test_attention_windows_cover_every_length_with_little_waste():
     assert ev.attention_windows(256) == [256]
 
 
-@pytest.mark.parametrize("slots", [1, 2, 5])
-def test_slots_reproduce_generate_token_for_token(slots):
-    """Five prompts of 1 to ~40 tokens, one with its own budget of 5 tokens; two of the samples stop early on a
-    stop token (chosen from what they generate), so slots free up at different steps and are refilled."""
+@pytest.mark.parametrize("slots,prefill_tokens", [(1, 16384), (2, 16384), (5, 16384), (5, 40)])
+def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens):
+    """Five prompts of 1 to ~60 tokens, one with its own budget of 5 tokens; two of the samples stop early on a
+    stop token (chosen from what they generate), so slots free up at different steps and are refilled. With a
+    prefill budget of 40 tokens, the five prompts are prefilled in several forwards, the longest alone."""
     tok = demo_tokenizer()
     model = demo_model(tok).eval()
     texts = ["What is 1+1?", "A much longer question about 2+2, with a few more words in it?", "3+3?", "x", "7*8=?"]
@@ -62,7 +64,7 @@ def test_slots_reproduce_generate_token_for_token(slots):
     expected = ev.generate_batch(model, jobs, settings(16), tok.pad_token_id, stop_ids, CPU)
     assert expected[0][1:] == (7, "stop") or expected[0][1] < 7
     assert expected[4][1:] == (5, "length") and any(f == "length" and n == 16 for _, n, f in expected)
-    got, engine = run_slots(model, jobs, slots, 16, stop_ids, tok.pad_token_id)
+    got, engine = run_slots(model, jobs, slots, 16, stop_ids, tok.pad_token_id, prefill_tokens)
     assert got == expected
     assert engine.busy == sum(n for _, n, _ in expected)  # every slot-step carried a sample's token
     assert model.config._attn_implementation == "sdpa"  # the engine gave the model its attention back
