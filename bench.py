@@ -6,6 +6,8 @@ precision, measured in one run (issue 6). TRL is a benchmark-only requirement; t
     python bench.py --reps 1          # one repetition: ~20 minutes on a 2-core CPU
     python bench.py --quick           # a smoke run: 256-1,024-token sequences, 1 repetition, a few minutes
     python bench.py --profile         # also: one more step per worker under torch.profiler, tables in OUT/logs/
+    python bench.py --cases "" --no-trl --hidden 1536 --layers 28 --gen-prompts 64 --gen-single 2 --gen-tokens 256
+                                      # generation only, eval.py's two engines, 1.5B-sized (a GPU; issue 11)
 
 The model: Qwen2 architecture with the real 151,936-token vocabulary and hidden size 256 (--hidden), random
 weights saved once and loaded by both systems. The data: random token ids, the same for both. Cases: (i) one
@@ -358,11 +360,11 @@ def generate_worker(setup, device, trained=False):
     generate_batch(model, cases["batched"][:2], SimpleNamespace(**{**vars(sampling), "max_new_tokens": 4}), pad_id,
                    [], device)  # warm-up
     out, samples = {}, {}
-    for case, jobs in cases.items():
+    for k, (case, jobs) in enumerate(cases.items()):
         if not jobs:
             continue
         batch = 1 if case == "single" else width
-        for engine in ("generate", "slots"):
+        for engine in ("generate", "slots") if k % 2 == 0 else ("slots", "generate"):  # neither always goes first
             if engine == "generate" and case == "spread" and not setup["gen_spread_generate"]:
                 continue
             slots = slot_engine(batch) if engine == "slots" else None

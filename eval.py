@@ -1,11 +1,14 @@
-"""Evaluation (SPEC 4): sample answers with Hugging Face generate, grade them with math-verify, and report
-pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts).
+"""Evaluation (SPEC 4): sample answers from a Hugging Face model, grade them with math-verify, and report
+pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts). Two generation engines
+(--engine): "slots", the default on GPUs (slots refilled as samples stop, each decoding step a CUDA graph replay),
+and "generate", the default on CPUs (batches through model.generate).
 
     python eval.py --model runs/redi/final --out runs/redi/eval                 # MATH-500 x 4 samples
     python eval.py --model runs/redi/final --benchmark math500 aime24 amc23 minerva olympiadbench \
         --samples 16 --out runs/redi/eval16                                           # the paper's final evals
     torchrun --nproc_per_node 8 eval.py --model runs/redi/final --samples 16 --out runs/redi/eval16
     python eval.py --model demo/model --data demo/test.jsonl --max-new-tokens 512 --out runs/demo-eval
+    python eval.py --model runs/redi/final --batch-size 64 --out runs/redi/eval     # 64 slots: ~60 GB of KV cache
     python eval.py score runs/redi/eval/results.jsonl     # rebuild summary.json and the table from results alone
     python eval.py report runs/sft runs/redi runs/dpo --out runs/report   # compare runs (table, plots)
 
@@ -320,6 +323,11 @@ class SlotCache:
         return keys[:, :, :self.window], values[:, :, :self.window]
 
 
+def slots_supported(model):
+    """Engine slots gives every layer the same mask over the whole row, so no layer may use a sliding window."""
+    return "sliding_attention" not in (getattr(model.config, "layer_types", None) or [])
+
+
 def attention_windows(capacity, step=256):
     """The attention spans a decoding step may use, one CUDA graph each: multiples of 256 up to 2,048, then four per
     doubling, so a step reads at most ~25% more cache columns than its longest live sequence needs. capacity is a
@@ -348,8 +356,7 @@ class SlotEngine:
     def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
                  cuda_graphs=True):
         config = model.config
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            raise ValueError("engine slots handles full-attention models only; use --engine generate")
+        assert slots_supported(model), "engine slots needs a model whose every layer attends to the full context"
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
         self.slots, self.capacity = slots, -(-capacity // 256) * 256
@@ -374,7 +381,8 @@ class SlotEngine:
         self.active = torch.zeros(slots, dtype=torch.bool, **dev)
         self.uniforms = torch.zeros(slots, max_new_tokens, **dev)  # each sample's seeded stream, u[t] for token t
         self.generated = torch.zeros(slots, max_new_tokens, dtype=torch.long, **dev)
-        self.probs = torch.zeros(slots, config.vocab_size, **dev)  # softmax(logits / T) of the last step, fp32
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.probs = torch.zeros(slots, vocab, **dev)  # softmax(logits / T) of the last step, fp32
         self.u = torch.zeros(slots, **dev)
         self.short = torch.zeros(slots, dtype=torch.bool, **dev)
         self.stopped = torch.zeros(slots, dtype=torch.bool, **dev)
@@ -487,7 +495,12 @@ class SlotEngine:
         try:
             with torch.no_grad():
                 if self.cuda_graphs and not self.graphs:
-                    self._capture()
+                    try:
+                        self._capture()
+                    except RuntimeError as e:  # an operation the graph cannot hold, in this torch/transformers
+                        print(f"warning: engine slots could not capture its decoding step as a CUDA graph "
+                              f"({str(e).splitlines()[0]}); decoding eagerly, much slower", flush=True)
+                        self.cuda_graphs, self.graphs = False, {}
                 while queue or any(j is not None for j in job_in):
                     free = [s for s in range(self.slots) if job_in[s] is None]
                     if free and queue:
@@ -928,8 +941,6 @@ def run(args):
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or min(args.samples, args.batch_size, args.max_new_tokens) < 1:
         die("--temperature must be > 0, --top-p in (0, 1], --samples, --batch-size and --max-new-tokens >= 1")
     rank, world, device = init_dist()
-    if args.engine == "auto":
-        args.engine = "slots" if device.type == "cuda" else "generate"
     # Ranks finish at different times (response lengths vary a lot); this group waits for them without the
     # default collective timeout.
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
@@ -937,6 +948,11 @@ def run(args):
     check_out_folder(args)
     problems = load_problems(args)
     tokenizer, model = load_for_generation(args, device)
+    if args.engine == "auto":
+        args.engine = "slots" if device.type == "cuda" and slots_supported(model) else "generate"
+    if args.engine == "slots" and not slots_supported(model):
+        die(f"--engine slots: {args.model} has sliding-window attention layers, which engine slots does not handle; "
+            f"use --engine generate")
     stop_ids = stop_token_ids(tokenizer)
     args.benchmark, args.stop_token_ids, args.world_size = list(problems), stop_ids, world
     if rank == 0:

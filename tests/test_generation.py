@@ -148,3 +148,9 @@ def test_engine_slots_end_to_end(tiny_model, toy, tmp_path):
     assert sorted(read_jsonl(tmp_path / "two" / "results.jsonl"), key=key) == expected
     assert math.isclose(json.loads((tmp_path / "two" / "summary.json").read_text())["toy"]["mean_tokens"],
                         summary["toy"]["mean_tokens"])
+
+
+def test_a_token_budget_below_one_stops_with_one_sentence(tiny_model, toy, tmp_path):
+    proc = run_script("eval.py", "--model", tiny_model, "--data", toy, "--max-new-tokens", 0, "--out", tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and "--max-new-tokens >= 1" in proc.stdout
