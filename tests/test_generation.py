@@ -87,6 +87,30 @@ def test_slots_on_a_wide_vocabulary_take_the_full_sort(monkeypatch):
     assert got == expected and sum(calls) == 40  # 4 samples x 10 tokens, each drawn from the full sort
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA graphs are captured there only")
+@pytest.mark.parametrize("vocab", [300, 3000])
+def test_cuda_graphs_replay_what_eager_steps_compute(vocab):
+    """On a GPU: the captured steps (one graph per window; 300 new tokens cross from the 256 window to the 512 one)
+    give exactly what the same steps launched one by one give (the same kernels on the same inputs), and, over 300
+    tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are ~1/300 apart)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).cuda().eval()
+    jobs = [{"prompt_ids": torch.randint(0, vocab, (n,)).tolist(), "seed": n} for n in (5, 40, 1, 90, 17)]
+    jobs[2]["max_new_tokens"] = 50
+    cuda = torch.device("cuda")
+    expected = ev.generate_batch(model, jobs, settings(300), 0, [], cuda)
+    results = {}
+    for graphs in (True, False):
+        engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs)
+        by_job = {id(job): result for job, result in engine.generate(jobs)}
+        results[graphs] = [by_job[id(j)] for j in jobs]
+        assert bool(engine.graphs) == graphs and len(engine.windows) == 2
+    assert results[True] == results[False]
+    assert vocab > 300 or results[True] == expected
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     from bench import smollm2_folder
