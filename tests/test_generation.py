@@ -88,11 +88,11 @@ def test_slots_on_a_wide_vocabulary_take_the_full_sort(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA graphs are captured there only")
-@pytest.mark.parametrize("vocab", [300, 3000])
+@pytest.mark.parametrize("vocab", [64, 3000])
 def test_cuda_graphs_replay_what_eager_steps_compute(vocab):
     """On a GPU: the captured steps (one graph per window; 300 new tokens cross from the 256 window to the 512 one)
     give exactly what the same steps launched one by one give (the same kernels on the same inputs), and, over 300
-    tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are ~1/300 apart)."""
+    tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are ~1/64 apart)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -108,7 +108,7 @@ def test_cuda_graphs_replay_what_eager_steps_compute(vocab):
         results[graphs] = [by_job[id(j)] for j in jobs]
         assert bool(engine.graphs) == graphs and len(engine.windows) == 2
     assert results[True] == results[False]
-    assert vocab > 300 or results[True] == expected
+    assert vocab > 64 or results[True] == expected
 
 
 @pytest.fixture(scope="module")
