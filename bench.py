@@ -96,14 +96,16 @@ parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) 
 parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
 # evaluation
 parser.add_argument("--gen-prompts", type=int, default=32,
-                    help="prompts generated together: one generate batch, or the slot engine's slots (eval.py's default)")
+                    help="prompts generated together: one generate batch, or the slot engine's slots (eval.py's "
+                         "default)")
 parser.add_argument("--gen-single", type=int, default=4, help="how many of them are also generated one at a time")
 parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt")
 parser.add_argument("--gen-spread-samples", type=int, default=None,
-                    help="the spread case: samples whose lengths are spread from --gen-tokens to --gen-spread-max, so "
-                         "that waiting for the longest shows (default 8 x --gen-prompts on a GPU; 0, skipped, on a CPU, "
-                         "where thousands of tokens per sample take hours)")
-parser.add_argument("--gen-spread-max", type=int, default=None, help="the spread case's longest (default 16 x --gen-tokens)")
+                    help="the spread case: samples whose lengths are spread from --gen-tokens to --gen-spread-max, "
+                         "so that waiting for the longest shows (default 8 x --gen-prompts on a GPU; 0, skipped, on a "
+                         "CPU, where thousands of tokens per sample take hours)")
+parser.add_argument("--gen-spread-max", type=int, default=None,
+                    help="the spread case's longest (default 16 x --gen-tokens)")
 parser.add_argument("--gen-step-windows", default="512,2048,8192,32768",
                     help="GPU: also time engine slots' captured decoding step at these attention windows ('' to skip)")
 parser.add_argument("--gen-spread-generate", choices=["auto", "on", "off"], default="auto",
@@ -343,7 +345,8 @@ def generate_worker(setup, device, trained=False):
     pad_id, width = tokenizer.pad_token_id, len(prompts)
     cases = {"single": [{"prompt_ids": ids, "seed": k, "max_new_tokens": setup["gen_tokens"]}
                         for k, ids in enumerate(prompts[:setup["gen_single"]])]}
-    cases["batched"] = [{"prompt_ids": ids, "seed": k, "max_new_tokens": setup["gen_tokens"]} for k, ids in enumerate(prompts)]
+    cases["batched"] = [{"prompt_ids": ids, "seed": k, "max_new_tokens": setup["gen_tokens"]}
+                        for k, ids in enumerate(prompts)]
     cases["spread"] = [{"prompt_ids": prompts[k % width], "seed": width + k, "max_new_tokens": n}
                        for k, n in enumerate(setup["gen_spread_lengths"])]
     longest = max(j["max_new_tokens"] for jobs in cases.values() for j in jobs)
@@ -649,7 +652,8 @@ def summarize(results, setup):
     # generate batched and 5x one prompt at a time; on a CPU, no slower; either way its spread case at >= 80% of its
     # own equal-length rate (the whole run, the drain of the last samples included).
     spread = setup["gen_spread_lengths"]
-    labels = {"single": "1 prompt at a time", "batched": f"{setup['gen_prompts_n']} prompts x {setup['gen_tokens']:,} tokens",
+    labels = {"single": "1 prompt at a time",
+              "batched": f"{setup['gen_prompts_n']} prompts x {setup['gen_tokens']:,} tokens",
               "spread": f"{len(spread)} samples x {min(spread, default=0):,}-{max(spread, default=0):,} tokens, "
                         f"{setup['gen_prompts_n']} at a time"}
     for name, model in [("generate", "benchmark model, random weights"), ("generate:trained", "SmolLM2-135M")]:
@@ -690,7 +694,8 @@ def summarize(results, setup):
             if any(m is not None for m in ms):
                 rows.append({"case": f"generate ({model}): engine slots, one captured decoding step of "
                                      f"{setup['gen_prompts_n']} slots, attention window {w:,}", "metric": "ms",
-                             "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None, "errors": []})
+                             "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None,
+                             "errors": []})
     grade = ok("grade")
     if grade:
         rate = median([r["grades_per_s"] for r in grade])
@@ -818,7 +823,8 @@ def main():
             elif name == "matmul":
                 brief = f"{r['flops_per_s'] / 1e9:,.0f} GFLOP/s"
             elif name.startswith("generate"):
-                brief = "; ".join(f"{engine} " + ", ".join(f"{case} {v['tokens_per_s']:,.0f}" for case, v in r[engine].items())
+                brief = "; ".join(f"{engine} " + ", ".join(f"{case} {v['tokens_per_s']:,.0f}"
+                                                           for case, v in r[engine].items())
                                   for engine in ("generate", "slots")) + " tokens/s"
             elif name == "grade":
                 brief = f"{r['grades_per_s']:,.0f} answers/s"
@@ -838,7 +844,8 @@ def main():
     print(f"\n{info['date']} | {info['gpu'] or info['cpu']}, {info['cores']} cores | torch {info['versions']['torch']}, "
           f"transformers {info['versions']['transformers']}, trl {info['versions']['trl']} | "
           f"{summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; for engine slots, its rate over "
-          f"engine generate's on the same samples (spread case: over its own equal-length rate). Medians of {args.reps} repetition(s).")
+          f"engine generate's on the same samples (spread case: over its own equal-length rate). Medians of "
+          f"{args.reps} repetition(s).")
     if checks:
         print("same work: largest loss difference between project and TRL over all steps: "
               + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))

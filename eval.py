@@ -90,15 +90,16 @@ parser.add_argument("--max-new-tokens", type=int, default=30720, help="response 
 parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                     help="prompt budget; a longer prompt is not generated and its samples count as wrong")
 parser.add_argument("--batch-size", type=int, default=32,
-                    help="sequences decoded together: engine slots' slots, or engine generate's rows per call (32 x 32k "
-                         "tokens of Qwen2.5-Math-1.5B KV cache is ~29 GB)")
+                    help="sequences decoded together: engine slots' slots, or engine generate's rows per call "
+                         "(32 x 32k tokens of Qwen2.5-Math-1.5B KV cache is ~29 GB)")
 parser.add_argument("--engine", choices=["auto", "slots", "generate"], default="auto",
-                    help="slots: fixed slots, each refilled as its sample stops, one decoding step captured as a CUDA "
-                         "graph; generate: batches through model.generate, each until its longest sample stops. Both "
-                         "draw a sample from the same seeded uniforms with the same sampler. auto (default): slots on a "
-                         "GPU, generate on a CPU")
+                    help="slots: fixed slots, each refilled as its sample stops, one decoding step captured as a "
+                         "CUDA graph; generate: batches through model.generate, each until its longest sample stops. "
+                         "Both draw a sample from the same seeded uniforms with the same sampler. auto (default): "
+                         "slots on a GPU, generate on a CPU")
 parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                    help="engine slots on a GPU: launch every decoding step from Python instead (to measure the graphs)")
+                    help="engine slots on a GPU: launch every decoding step from Python instead (to measure the "
+                         "graphs)")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
 # grading and output
 parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
@@ -208,8 +209,8 @@ def draw_sorted(probs, u, top_p):
 
 class Sampler:
     """A logits processor that samples each row with its own torch.Generator, seeded per (problem, sample), so a
-    sample draws the same numbers whichever batch, rank or rerun produces it. It returns scores with one finite entry, so
-    generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
+    sample draws the same numbers whichever batch, rank or rerun produces it. It returns scores with one finite entry,
+    so generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
 
     def __init__(self, seeds, temperature, top_p):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -1001,7 +1002,8 @@ def run(args):
             print0(f"batch {k + 1}/{math.ceil(len(jobs) / args.batch_size)} | samples "
                    f"{n_done:,}/{len(jobs):,} (rank 0) | {len(batch)} x {max(len(j['prompt_ids']) for j in batch)} "
                    f"prompt tokens | {new_tokens:,} new tokens in {dt:.1f}s = {new_tokens / dt:,.0f} tok/s"
-                   + (f", slots busy {busy:.0%}" if busy is not None else "") + f" | correct so far {n_correct / n_done:.1%}")
+                   + (f", slots busy {busy:.0%}" if busy is not None else "")
+                   + f" | correct so far {n_correct / n_done:.1%}")
         if grader:
             grader.close()
     dist.barrier(group=group)

@@ -56,7 +56,8 @@ def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens):
     tok = demo_tokenizer()
     model = demo_model(tok).eval()
     texts = ["What is 1+1?", "A much longer question about 2+2, with a few more words in it?", "3+3?", "x", "7*8=?"]
-    jobs = [{"prompt_ids": tok(t)["input_ids"], "seed": ev.sample_seed(0, "toy", str(i), 0)} for i, t in enumerate(texts)]
+    jobs = [{"prompt_ids": tok(t)["input_ids"], "seed": ev.sample_seed(0, "toy", str(i), 0)}
+            for i, t in enumerate(texts)]
     jobs[3]["prompt_ids"] = jobs[3]["prompt_ids"][:1]  # a one-token prompt: nothing to prefill
     jobs[4]["max_new_tokens"] = 5
     free_run = ev.generate_batch(model, jobs, settings(16), tok.pad_token_id, [], CPU)
