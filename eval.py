@@ -1,11 +1,14 @@
-"""Evaluation (PAPER.md §4): sample answers with Hugging Face generate, grade them with math-verify, and report
-pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts).
+"""Evaluation (PAPER.md §4): sample answers from a Hugging Face model, grade them with math-verify, and report
+pass@1 with its SEM, pass@k and generation statistics (response tokens, "Wait" counts). Two generation engines
+(--engine): "slots", the default on GPUs (slots refilled as samples stop, each decoding step a CUDA graph replay),
+and "generate", the default on CPUs (batches through model.generate).
 
     python eval.py --model runs/redi/final --out runs/redi/eval                 # MATH-500 x 4 samples
     python eval.py --model runs/redi/best --benchmark math500 aime24 amc23 minerva olympiadbench \
         --samples 16 --prompt lighteval --out runs/redi/eval16        # the paper's final evals, with its prompt
     torchrun --nproc_per_node 8 eval.py --model runs/redi/final --samples 16 --out runs/redi/eval16
     python eval.py --model demo/model --data demo/test.jsonl --max-new-tokens 512 --out runs/demo-eval
+    python eval.py --model runs/redi/final --batch-size 64 --out runs/redi/eval     # 64 slots: ~60 GB of KV cache
     python eval.py score runs/redi/eval/results.jsonl     # rebuild summary.json and the table from results alone
     python eval.py report runs/sft runs/redi runs/dpo --out runs/report   # compare runs (table, plots)
 
@@ -63,7 +66,8 @@ SAMPLING_KEYS = ("model", "prompt", "think_prefix", "temperature", "top_p", "max
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # model
 parser.add_argument("--model", required=True, help="model folder or Hub id (a checkpoint from sft.py/redi.py)")
-parser.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
+parser.add_argument("--attn-implementation", default="sdpa",
+                    help="sdpa, eager, flash_attention_2, ... (engine generate; engine slots brings its own)")
 parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
 # problems
 parser.add_argument("--benchmark", nargs="+", default=None, choices=list(BENCHMARKS),
@@ -90,7 +94,16 @@ parser.add_argument("--max-new-tokens", type=int, default=30720, help="response 
 parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                     help="prompt budget; a longer prompt is not generated and its samples count as wrong")
 parser.add_argument("--batch-size", type=int, default=32,
-                    help="sequences per generate call (32 x 32k tokens of Qwen2.5-Math-1.5B KV cache is ~29 GB)")
+                    help="sequences decoded together: engine slots' slots, or engine generate's rows per call "
+                         "(32 x 32k tokens of Qwen2.5-Math-1.5B KV cache is ~29 GB)")
+parser.add_argument("--engine", choices=["auto", "slots", "generate"], default="auto",
+                    help="slots: fixed slots, each refilled as its sample stops, one decoding step captured as a "
+                         "CUDA graph; generate: batches through model.generate, each until its longest sample stops. "
+                         "Both draw a sample from the same seeded uniforms with the same sampler. auto (default): "
+                         "slots on a GPU, generate on a CPU")
+parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="engine slots on a GPU: launch every decoding step from Python instead (to measure the "
+                         "graphs)")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
 # grading and output
 parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
@@ -203,18 +216,27 @@ def sample_top_p(logits, u, temperature, top_p, prefilter=1024):
     A trained model's nucleus lies within its few most likely tokens, so only the top `prefilter` are sorted;
     a row whose top tokens hold less than top_p is drawn from a full sort. Either way the same draw."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    top, order = probs.topk(min(prefilter, probs.shape[-1]), dim=-1)  # (B, K), sorted
-    token = _draw(top, order, u, top_p)
-    short = top.sum(-1) < top_p
+    token, short = draw_prefiltered(probs, u, top_p, prefilter)
     if short.any():
-        token[short] = _draw(*probs[short].sort(dim=-1, descending=True), u[short], top_p)
+        token[short] = draw_sorted(probs[short], u[short], top_p)
     return token
+
+
+def draw_prefiltered(probs, u, top_p, prefilter=1024):
+    """The draw from each row's top `prefilter` tokens, and which rows' top tokens hold less than top_p (their draw
+    must come from draw_sorted instead). No branch on the device's values, so a CUDA graph can hold it."""
+    top, order = probs.topk(min(prefilter, probs.shape[-1]), dim=-1)  # (B, K), sorted
+    return _draw(top, order, u, top_p), top.sum(-1) < top_p
+
+
+def draw_sorted(probs, u, top_p):
+    return _draw(*probs.sort(dim=-1, descending=True), u, top_p)
 
 
 class Sampler:
     """A logits processor that samples each row with its own torch.Generator, seeded per (problem, sample), so a
-    sample is the same whichever batch, rank or rerun produces it. It returns scores with one finite entry, so
-    generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
+    sample draws the same numbers whichever batch, rank or rerun produces it. It returns scores with one finite entry,
+    so generate() runs greedy (do_sample=False) and only this sampler draws: no top-k or other default can slip in."""
 
     def __init__(self, seeds, temperature, top_p):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -231,26 +253,317 @@ def sample_seed(seed, benchmark, problem_id, sample):
 
 
 def generate_batch(model, jobs, args, pad_id, stop_ids, device):
-    """Left-pads the jobs' prompts into one batch and samples. Returns per job (new tokens without the stop
-    token, num_tokens including it, finish_reason)."""
+    """Engine "generate": left-pads the jobs' prompts into one batch and samples with model.generate until every
+    row has stopped. Returns per job (new tokens without the stop token, num_tokens including it, finish_reason).
+    A job may carry its own "max_new_tokens" (bench.py forces lengths so): its row runs on with the batch and is cut."""
     from transformers import GenerationConfig, LogitsProcessorList
+    budgets = [j.get("max_new_tokens", args.max_new_tokens) for j in jobs]
     T = max(len(j["prompt_ids"]) for j in jobs)
     input_ids = torch.full((len(jobs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(jobs), T), dtype=torch.long)
     for b, j in enumerate(jobs):
         input_ids[b, T - len(j["prompt_ids"]):] = torch.tensor(j["prompt_ids"])
         attention_mask[b, T - len(j["prompt_ids"]):] = 1
-    config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(budgets), eos_token_id=list(stop_ids) or None,
                               pad_token_id=pad_id, use_cache=True)
     sampler = Sampler([j["seed"] for j in jobs], args.temperature, args.top_p)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=config, logits_processor=LogitsProcessorList([sampler]))
     results, stops = [], set(stop_ids)
-    for row in out[:, T:].tolist():  # (B, new tokens); rows that stopped early are padded after the stop token
+    for row, budget in zip(out[:, T:].tolist(), budgets):  # (B, new tokens); rows that stopped are padded after it
+        row = row[:budget]
         end = next((t for t, tok in enumerate(row) if tok in stops), None)
         results.append((row, len(row), "length") if end is None else (row[:end], end + 1, "stop"))
     return results
+
+
+# -----------------------------------------------------------------------------
+# engine "slots": a fixed set of sequence slots, each refilled as soon as its sample stops; one decoding step,
+# captured once per attention window as a CUDA graph
+#
+# Why this design (issue 11, read against transformers 5.17 and 5.24). A decoding step of a 1.5B model reads ~3 GB of
+# weights, under 1 ms on an H100/H200, yet model.generate took ~90 ms per step at batch 64: the step is ~1,000 small
+# kernels launched from Python, plus HF's per-step machinery. Capturing the whole step in a CUDA graph (gpt-fast's
+# approach) replays them with one launch. And a static batch runs until its longest sample stops, while reasoning
+# traces run from ~1k to 30k tokens; so a slot whose sample stops takes the next prompt at once.
+# - Not HF's static cache + torch.compile: its StaticCache writes every row at one shared position (one
+#   cumulative_length), so rows cannot start at different times, and attention would span the whole 32k cache.
+# - Not HF's continuous batching (generate_batch): with sdpa it captures no graphs by default, its fast decode path
+#   needs flash-attn (not installed on the GPU machines here), it samples with one generator for the whole run (no
+#   per-sample seeds), its options changed between 5.17 and 5.24, and measured with defaults it was no faster than
+#   generate (852-859 tokens/s against 870 on an H200).
+# - So a small engine of our own around the model's ordinary forward: a KV cache with one row per slot (SlotCache),
+#   given to the model as its cache; a 4-D mask per step; an attention function registered with HF's
+#   AttentionInterface for the duration of a run (slot_attention). The model code is HF's, unchanged.
+# Sampling is eval.py's own (draw_prefiltered/draw_sorted, the code sample_top_p runs) with each sample's own seeded
+# uniforms, the ones Sampler draws: from the same logits, the same tokens as engine "generate". What is reproducible:
+# a rerun of the same jobs with the same engine, slots and machine repeats every token. The logits themselves agree
+# only to rounding across engines, batch mates and hardware (attention kernels, padding and windows differ; bf16 on
+# GPUs), and a draw that lands within rounding of a boundary of its CDF flips, after which the sample goes its own
+# way: never in the tests here (fp32, vocabularies up to 49k, trained or small); often for a random model with a
+# 152k vocabulary, whose CDF steps are ~1/150,000 apart (bench.py reports the share of samples that agree).
+
+SLOT_ATTENTION = "eval_slots"  # the name slot_attention is registered under while a SlotEngine runs
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Prefill (several query positions): the prompt attends to itself, causally, through HF's sdpa function.
+    Decoding (one query per row): query (B, H, 1, D) against the slots' cache (B, KV heads, window, D). The G = H / KV
+    query heads that share a KV head attend as G query rows of that head, so the cache is read once per KV head
+    (transformers 5.17's sdpa copies it G times with repeat_kv whenever there is a mask)."""
+    if query.shape[2] > 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    B, H, _, D = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, key.shape[1], H // key.shape[1], D), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, 1, H, D), None  # (B, T=1, H, D), as HF's attention functions return
+
+
+class SlotCache:
+    """The model's KV cache (passed as its cache): per layer, keys and values of shape (slots, KV heads, capacity,
+    head dim). Slot b's sequence fills row b from column 0 in order, so a token's column is its position. Prefill
+    writes prompts into their rows; a decoding step writes each row's new token at that row's own column (pos) and
+    gives attention the first `window` columns of every row, of which the step's mask shows each row its own."""
+
+    def __init__(self, config, slots, capacity, dtype, device):
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shape = (slots, getattr(config, "num_key_value_heads", None) or heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.rows = torch.arange(slots, device=device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=device)  # the engine's buffer: where each row writes
+        self.prefill_rows = None  # (n,) the slots a prefill writes, or None while decoding
+        self.window = capacity
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_rows is not None:  # (n, KV heads, T, D): right-padded prompts, from column 0
+            T = key_states.shape[2]
+            keys[self.prefill_rows, :, :T] = key_states
+            values[self.prefill_rows, :, :T] = value_states
+            return key_states, value_states  # a prompt attends to itself only
+        keys[self.rows, :, self.pos] = key_states[:, :, 0]  # (slots, KV heads, D): one new column per row
+        values[self.rows, :, self.pos] = value_states[:, :, 0]
+        return keys[:, :, :self.window], values[:, :, :self.window]
+
+
+def slots_supported(model):
+    """Engine slots gives every layer the same mask over the whole row, so no layer may use a sliding window."""
+    return "sliding_attention" not in (getattr(model.config, "layer_types", None) or [])
+
+
+def attention_windows(capacity, step=256):
+    """The attention spans a decoding step may use, one CUDA graph each: multiples of 256 up to 2,048, then four per
+    doubling, so a step reads at most ~25% more cache columns than its longest live sequence needs. capacity is a
+    multiple of 256 (the memory-efficient SDPA kernel wants aligned masks) and is the last window."""
+    windows, w = [], step
+    while w < capacity:
+        windows.append(w)
+        w += max(step, 2 ** (w.bit_length() - 1) // 4)
+    return windows + [capacity]
+
+
+class SlotEngine:
+    """Engine "slots": `slots` sequences decode together, each from its own cache row; when one stops (a stop token,
+    or its token budget), its slot takes the next job. Every decoding step is the same fixed-shape work, so on a GPU
+    it is captured once per attention window and replayed; on a CPU it runs eagerly. Reusable: bench.py warms it up
+    once and then times it.
+
+    One step: the model's forward on each slot's last token (the cache row gives the rest), softmax(logits / T),
+    the draw from the top 1,024 tokens with the slot's next uniform, and the bookkeeping (the token appended, pos and
+    the token count advanced, stop checks) all happen on the device; the host then reads two flags (one sync per
+    step): whether a row's nucleus was wider than its top 1,024 tokens (redrawn from a full sort, as sample_top_p
+    does; a random model's rows always are, a trained model's about never), and whether a sample stopped."""
+
+    prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
+
+    def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
+                 cuda_graphs=True):
+        config = model.config
+        assert slots_supported(model), "engine slots needs a model whose every layer attends to the full context"
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.slots, self.capacity = slots, -(-capacity // 256) * 256
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.stops = set(stop_ids)
+        self.pad_id = pad_id or 0  # the padding after a prompt in a prefill; no prompt ever sees it
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.cache = SlotCache(config, slots, self.capacity, self.dtype, self.device)
+        # HF >= 5.24 names the cache argument `cache`, earlier versions `past_key_values`
+        import inspect
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.windows = attention_windows(self.capacity)
+        self.graphs = {}  # window -> torch.cuda.CUDAGraph, captured at the first run
+        # The step's state, in buffers whose addresses never change (the graphs read and write them in place).
+        dev = dict(device=self.device)
+        self.columns = torch.arange(self.capacity, **dev)
+        self.stop_ids = torch.tensor(sorted(self.stops), dtype=torch.long, **dev)
+        self.tokens = torch.zeros(slots, dtype=torch.long, **dev)  # each slot's next input token
+        self.pos = self.cache.pos  # (slots,) its column, = its position id
+        self.t = torch.zeros(slots, dtype=torch.long, **dev)  # new tokens so far = index of the next uniform
+        self.limit = torch.ones(slots, dtype=torch.long, **dev)  # the sample's token budget
+        self.active = torch.zeros(slots, dtype=torch.bool, **dev)
+        self.uniforms = torch.zeros(slots, max_new_tokens, **dev)  # each sample's seeded stream, u[t] for token t
+        self.generated = torch.zeros(slots, max_new_tokens, dtype=torch.long, **dev)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.probs = torch.zeros(slots, vocab, **dev)  # softmax(logits / T) of the last step, fp32
+        self.u = torch.zeros(slots, **dev)
+        self.short = torch.zeros(slots, dtype=torch.bool, **dev)
+        self.stopped = torch.zeros(slots, dtype=torch.bool, **dev)
+        self.flags = torch.zeros(2, dtype=torch.bool, **dev)  # any short row, any stopped row
+        self.steps = self.busy = 0  # decoding steps run, and slot-steps that carried a sample (utilisation)
+        self.full_steps, self.full_seconds = 0, 0.0  # steps with every slot busy, and their time (refills included)
+
+    def _step(self, window):
+        """One decoding step for all slots; no host sync, so a CUDA graph can hold it. Idle slots compute garbage
+        at column 0 and advance nothing."""
+        self.cache.window = window
+        visible = self.columns[:window] <= self.pos[:, None]  # (slots, window): the row's tokens, the new one too
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        logits = self.model(input_ids=self.tokens[:, None], position_ids=self.pos[:, None],
+                            attention_mask=mask[:, None, None, :], use_cache=True, logits_to_keep=1,
+                            **{self.cache_kw: self.cache}).logits[:, -1]  # (slots, V)
+        self.probs.copy_(torch.softmax(logits.float() / self.temperature, dim=-1))  # as sample_top_p computes it
+        self.u.copy_(self.uniforms.gather(1, self.t[:, None]).squeeze(1))
+        token, short = draw_prefiltered(self.probs, self.u, self.top_p)
+        self.short.copy_(short & self.active)
+        self.generated.scatter_(1, self.t[:, None], token[:, None])
+        self.tokens.copy_(token)
+        self.t.add_(self.active)
+        self.pos.add_(self.active)
+        self.stopped.copy_(self.active & (self._is_stop(token) | (self.t >= self.limit)))
+        self.flags.copy_(torch.stack([self.short.any(), self.stopped.any()]))
+
+    def _is_stop(self, token):
+        return (token[:, None] == self.stop_ids).any(-1)  # (n,); False for all when there are no stop ids
+
+    def _redraw_short(self):
+        """Rows whose nucleus is wider than their top 1,024 tokens: the draw from a full sort (sample_top_p's
+        fallback, same probabilities and uniform), patched into the step's results."""
+        rows = self.short.nonzero().squeeze(1)
+        token = draw_sorted(self.probs[rows], self.u[rows], self.top_p)
+        t = self.t[rows]  # already advanced past this token
+        self.generated[rows, t - 1] = token
+        self.tokens[rows] = token
+        self.stopped[rows] = self._is_stop(token) | (t >= self.limit[rows])
+
+    def _prefill(self, assigned):
+        """assigned: [(slot, job)]. Each prompt but its last token goes into its slot's row, in right-padded groups
+        (padding comes after a prompt, so causal attention never shows it to the prompt); the last prompt token is
+        the slot's first decoding input, and that step samples the first new token."""
+        groups = [[]]  # at most prefill_tokens per forward, padding included (a longer prompt goes alone)
+        for slot, job in assigned:
+            group = groups[-1] + [(slot, job)]
+            if len(group) > 1 and len(group) * max(len(j["prompt_ids"]) for _, j in group) > self.prefill_tokens:
+                groups.append([])
+            groups[-1].append((slot, job))
+        for group in groups:
+            T = max(len(j["prompt_ids"]) for _, j in group) - 1
+            if T == 0:  # one-token prompts: the decoding step takes them
+                continue
+            ids = torch.full((len(group), T), self.pad_id, dtype=torch.long)
+            for i, (_, j) in enumerate(group):
+                ids[i, :len(j["prompt_ids"]) - 1] = torch.tensor(j["prompt_ids"][:-1])
+            self.cache.prefill_rows = torch.tensor([s for s, _ in group], device=self.device)
+            try:
+                self.model(input_ids=ids.to(self.device), position_ids=torch.arange(T, device=self.device).expand(
+                    len(group), T), use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+            finally:
+                self.cache.prefill_rows = None
+        slots = torch.tensor([s for s, _ in assigned], device=self.device)
+        budgets = [j.get("max_new_tokens", self.max_new_tokens) for _, j in assigned]
+        self.tokens[slots] = torch.tensor([j["prompt_ids"][-1] for _, j in assigned], device=self.device)
+        self.pos[slots] = torch.tensor([len(j["prompt_ids"]) - 1 for _, j in assigned], device=self.device)
+        self.t[slots] = 0
+        self.limit[slots] = torch.tensor(budgets, device=self.device)
+        self.active[slots] = True
+        # The sample's uniforms: the same stream Sampler draws one by one from a generator seeded the same way.
+        uniforms = torch.zeros(len(assigned), self.max_new_tokens)
+        for i, ((_, j), n) in enumerate(zip(assigned, budgets)):
+            uniforms[i, :n] = torch.rand(n, generator=torch.Generator().manual_seed(j["seed"]))
+        self.uniforms[slots] = uniforms.to(self.device)
+
+    def _capture(self):
+        """One CUDA graph per attention window, captured while every slot is idle (the warm-up runs change
+        nothing then). The graphs share one memory pool: they never run at once, and none keeps a tensor alive."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: cuBLAS handles, kernel choices
+            for w in self.windows:
+                self._step(w)
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = None
+        for w in self.windows:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._step(w)
+            pool = graph.pool()
+            self.graphs[w] = graph
+
+    def generate(self, jobs):
+        """Yields (job, (new tokens without the stop token, num_tokens including it, finish_reason)) as samples stop,
+        the same triple generate_batch returns. Jobs start in order, each in the first free slot."""
+        queue = list(reversed(jobs))
+        for j in jobs:
+            assert 1 <= len(j["prompt_ids"]) and len(j["prompt_ids"]) + j.get("max_new_tokens", self.max_new_tokens) \
+                - 1 <= self.capacity and j.get("max_new_tokens", self.max_new_tokens) <= self.max_new_tokens
+        previous = self.model.config._attn_implementation
+        from transformers import AttentionInterface
+        AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+        self.model.set_attn_implementation(SLOT_ATTENTION)
+        self.active.zero_(), self.pos.zero_(), self.t.zero_()  # a run abandoned midway leaves busy slots behind
+        job_in = [None] * self.slots
+        pos = np.zeros(self.slots, dtype=np.int64)  # the host's copy of self.pos: picks the window, no sync
+        last = time.perf_counter()
+        try:
+            with torch.no_grad():
+                if self.cuda_graphs and not self.graphs:
+                    try:
+                        self._capture()
+                    except RuntimeError as e:  # an operation the graph cannot hold, in this torch/transformers
+                        print(f"warning: engine slots could not capture its decoding step as a CUDA graph "
+                              f"({str(e).splitlines()[0]}); decoding eagerly, much slower", flush=True)
+                        self.cuda_graphs, self.graphs = False, {}
+                while queue or any(j is not None for j in job_in):
+                    free = [s for s in range(self.slots) if job_in[s] is None]
+                    if free and queue:
+                        assigned = [(s, queue.pop()) for s in free[:len(queue)]]
+                        self._prefill(assigned)
+                        for s, j in assigned:
+                            job_in[s], pos[s] = j, len(j["prompt_ids"]) - 1
+                    window = self.windows[np.searchsorted(self.windows, pos.max() + 1)]
+                    if self.cuda_graphs:
+                        self.graphs[window].replay()
+                    else:
+                        self._step(window)
+                    busy = [s for s in range(self.slots) if job_in[s] is not None]
+                    self.steps, self.busy = self.steps + 1, self.busy + len(busy)
+                    pos[busy] += 1
+                    any_short, any_stopped = self.flags.tolist()  # the step's one sync
+                    now = time.perf_counter()
+                    if len(busy) == self.slots:
+                        self.full_steps, self.full_seconds = self.full_steps + 1, self.full_seconds + now - last
+                    last = now
+                    if any_short:
+                        self._redraw_short()
+                    if not (any_stopped or any_short):
+                        continue
+                    done = self.stopped.nonzero().squeeze(1).tolist()
+                    for s in done:
+                        n = int(pos[s]) - len(job_in[s]["prompt_ids"]) + 1  # = t: new tokens, the stop token included
+                        tokens = self.generated[s, :n].tolist()
+                        result = (tokens[:-1], n, "stop") if tokens[-1] in self.stops else (tokens, n, "length")
+                        job, job_in[s], pos[s] = job_in[s], None, 0
+                        yield job, result
+                    if done:
+                        idle = torch.tensor(done, device=self.device)
+                        self.active[idle], self.pos[idle], self.t[idle] = False, 0, 0
+        finally:
+            self.model.set_attn_implementation(previous)
 
 
 # -----------------------------------------------------------------------------
@@ -688,6 +1001,36 @@ def load_for_generation(args, device):
     return tokenizer, model.to(device).eval()
 
 
+def generate_groups(model, jobs, args, pad_id, stop_ids):
+    """Yields (jobs, their (tokens, num_tokens, finish_reason), seconds, share of slot-steps busy or None) in groups of
+    --batch-size samples: engine generate one batch at a time, engine slots in the order samples stop. The seconds
+    count generation only (the caller's grading between groups is not in them)."""
+    if args.engine == "generate":
+        device = next(model.parameters()).device
+        for b in range(0, len(jobs), args.batch_size):
+            batch, t0 = jobs[b:b + args.batch_size], time.perf_counter()
+            yield batch, generate_batch(model, batch, args, pad_id, stop_ids, device), time.perf_counter() - t0, None
+        return
+    if not jobs:
+        return
+    engine = SlotEngine(model, min(args.batch_size, len(jobs)), max(len(j["prompt_ids"]) for j in jobs)
+                        + args.max_new_tokens - 1, args.max_new_tokens, args.temperature, args.top_p, stop_ids, pad_id,
+                        cuda_graphs=args.cuda_graphs)
+    group, t0, steps, busy = [], time.perf_counter(), 0, 0
+
+    def finish_group():
+        share = (engine.busy - busy) / max(engine.steps - steps, 1) / engine.slots
+        return [j for j, _ in group], [r for _, r in group], time.perf_counter() - t0, share
+
+    for job, result in engine.generate(jobs):
+        group.append((job, result))
+        if len(group) == args.batch_size:
+            yield finish_group()
+            group, t0, steps, busy = [], time.perf_counter(), engine.steps, engine.busy
+    if group:
+        yield finish_group()
+
+
 def check_out_folder(args):
     """A rerun may add samples or benchmarks to --out, but not with different sampling settings."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -703,8 +1046,8 @@ def check_out_folder(args):
 
 
 def run(args):
-    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.samples < 1 or args.batch_size < 1:
-        die("--temperature must be > 0, --top-p in (0, 1], --samples and --batch-size >= 1")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or min(args.samples, args.batch_size, args.max_new_tokens) < 1:
+        die("--temperature must be > 0, --top-p in (0, 1], --samples, --batch-size and --max-new-tokens >= 1")
     rank, world, device = init_dist()
     # Ranks finish at different times (response lengths vary a lot); this group waits for them without the
     # default collective timeout.
@@ -713,6 +1056,11 @@ def run(args):
     check_out_folder(args)
     problems = load_problems(args)
     tokenizer, model = load_for_generation(args, device)
+    if args.engine == "auto":
+        args.engine = "slots" if device.type == "cuda" and slots_supported(model) else "generate"
+    if args.engine == "slots" and not slots_supported(model):
+        die(f"--engine slots: {args.model} has sliding-window attention layers, which engine slots does not handle; "
+            f"use --engine generate")
     stop_ids = stop_token_ids(tokenizer)
     args.benchmark, args.stop_token_ids, args.world_size = list(problems), stop_ids, world
     if rank == 0:
@@ -738,7 +1086,7 @@ def run(args):
     n_total = len(prompts) * args.samples
     print0(f"eval {args.model}: {', '.join(f'{k} ({len(v)})' for k, v in problems.items())} x {args.samples} samples = "
            f"{n_total:,}; {len(done):,} already in {out / 'results.jsonl'}; {world} rank(s) on {device.type}; "
-           f"rank 0 has {len(jobs):,} to generate; stop tokens {stop_ids}")
+           f"rank 0 has {len(jobs):,} to generate; stop tokens {stop_ids}; engine {args.engine}")
 
     if too_long:
         print(f"rank {rank}: {len(too_long)} samples have prompts over --max-prompt-tokens {args.max_prompt_tokens} "
@@ -749,10 +1097,8 @@ def run(args):
                       [{"answer": None, "correct": False, "grade_timeout": False}] * len(too_long))
         grader = Grader(args.grade_workers, args.grade_timeout) if jobs else None
         n_done = n_correct = 0
-        for b in range(0, len(jobs), args.batch_size):
-            batch, t0 = jobs[b:b + args.batch_size], time.perf_counter()
-            generated = generate_batch(model, batch, args, tokenizer.pad_token_id, stop_ids, device)
-            dt = time.perf_counter() - t0
+        for k, (batch, generated, dt, busy) in enumerate(generate_groups(model, jobs, args, tokenizer.pad_token_id,
+                                                                         stop_ids)):
             # No skip_special_tokens: a tokenizer may mark </think> special; the stop token is already cut off.
             responses = [(THINK_PREFIX if args.think_prefix else "") + tokenizer.decode(tokens)
                          for tokens, _, _ in generated]
@@ -760,10 +1106,11 @@ def run(args):
             write_results(f, batch, responses, [g[1:] for g in generated], grades)
             n_done, n_correct = n_done + len(batch), n_correct + sum(g["correct"] for g in grades)
             new_tokens = sum(t for _, t, _ in generated)
-            print0(f"batch {b // args.batch_size + 1}/{math.ceil(len(jobs) / args.batch_size)} | samples "
+            print0(f"batch {k + 1}/{math.ceil(len(jobs) / args.batch_size)} | samples "
                    f"{n_done:,}/{len(jobs):,} (rank 0) | {len(batch)} x {max(len(j['prompt_ids']) for j in batch)} "
-                   f"prompt tokens | {new_tokens:,} new tokens in {dt:.1f}s = {new_tokens / dt:,.0f} tok/s | "
-                   f"correct so far {n_correct / n_done:.1%}")
+                   f"prompt tokens | {new_tokens:,} new tokens in {dt:.1f}s = {new_tokens / dt:,.0f} tok/s"
+                   + (f", slots busy {busy:.0%}" if busy is not None else "")
+                   + f" | correct so far {n_correct / n_done:.1%}")
         if grader:
             grader.close()
     dist.barrier(group=group)
