@@ -85,6 +85,9 @@ parser.add_argument("--hidden", type=int, default=256, help="hidden size (the is
 parser.add_argument("--layers", type=int, default=4, help="decoder layers")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
 parser.add_argument("--compile", action="store_true", help="project only: sft.py/redi.py --compile")
+parser.add_argument("--variant", action="append", default=[], metavar="CASES:FLAGS",
+                    help="project only: run these cases again with these extra sft.py/redi.py flags, against the same "
+                         "TRL run, e.g. --variant 'sft_i,sft_paper:--compile' (repeatable)")
 parser.add_argument("--logprob-chunk", type=int, default=None,
                     help="project only: tokens per LM-head chunk (sft.py's default if unset; one at least as long "
                          "as the sequence builds the whole logits tensor, the naive way)")
@@ -95,7 +98,8 @@ parser.add_argument("--max-len", type=int, default=8192, help="case (ii): the lo
 parser.add_argument("--sft-batch", type=int, default=4, help="case (ii): sequences per SFT step")
 parser.add_argument("--pair-batch", type=int, default=2, help="case (ii): pairs per pair step")
 parser.add_argument("--paper-batch", type=int, default=16,
-                    help="case sft_paper: sequences in one SFT step, the paper's 128-sequence batch over 8 GPUs")
+                    help="case sft_paper: sequences in one SFT step, the paper's 128-sequence batch over 8 GPUs "
+                         "(project only: its target is the matmul rate)")
 parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) or pairs per forward, both systems")
 parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
 # evaluation
@@ -201,7 +205,7 @@ def project_worker(objective, examples, setup, device):
              str(WEIGHT_DECAY), "--max-grad-norm", str(MAX_GRAD_NORM), "--batch-size", str(len(examples)),
              "--micro-batch-size", str(mb)] + (["--logprob-chunk", str(setup["logprob_chunk"])] if setup["logprob_chunk"]
                                                else []) + (["--grad-checkpointing"] if setup["grad_checkpointing"] else []) \
-        + (["--compile"] if setup.get("compile") else [])
+        + (["--compile"] if setup.get("compile") else []) + setup.get("extra_flags", [])
     if objective == "sft":
         args = sft.parser.parse_args(flags)
     else:
@@ -500,7 +504,9 @@ def worker_main(name, setup_path):
     elif name == "grade":
         result = grade_worker(setup)
     else:
-        system, objective, case = name.split(":")  # e.g. project:redi:ii
+        system, objective, case, *variant = name.split(":")  # e.g. project:redi:ii, or project:sft:i:1 (--variant)
+        if variant:
+            setup["extra_flags"] = setup["variants"][int(variant[0])][1].split()
         data = f"{'sft' if objective == 'sft' else 'pair'}_{case}"
         run = project_worker if system == "project" else trl_worker
         result = run(objective, setup["cases"][data], setup, device)
@@ -634,14 +640,16 @@ def summarize(results, setup):
         return sorted({r["error"] for n in names for r in results.get(n, []) if "error" in r})
 
     rows = []
-    for case in setup["cases_run"]:
+    runs = [(case, "", "") for case in setup["cases_run"]] + [
+        (case, f":{k}", f" [{flags}]") for k, (cases, flags) in enumerate(setup["variants"]) for case in cases]
+    for case, variant, flags in runs:
         objective, c = case.split("_")
-        project, trl = f"project:{objective}:{c}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
+        project, trl = f"project:{objective}:{c}{variant}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
         label = {"sft": "SFT", "redi": "REDI", "dpo": "DPO"}[objective] + (
             f" (i) 1 x {setup['seq_len']:,}" if c == "i" else
             f" (paper) {setup['paper_batch']} x {setup['min_len']:,}-{setup['max_len']:,}, one step" if c == "paper" else
             f" (ii) {setup['sft_batch'] if objective == 'sft' else setup['pair_batch']} x "
-            f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "")
+            f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "") + flags
         # the issue's targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case
         # (i), at least 1.5x its tokens/s in at most 1/4 of its memory on case (ii)
         pair_ii = objective != "sft" and c == "ii"
@@ -651,23 +659,26 @@ def summarize(results, setup):
             ratio = p / t if p and t else None
             met = None if ratio is None else ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
             rows.append({"case": label, "metric": metric, "project": p, "trl": t, "ratio": ratio,
-                         "target": f"{target[0]} {target[1]:g}", "met": met, "errors": errors(project, trl)})
+                         "target": f"{target[0]} {target[1]:g}" if c != "paper" else "", "met": met,
+                         "errors": errors(project, trl)})
         if objective == "dpo":
             p, t = median([r["ref_s"] for r in ok(project)]), median([r["ref_s"] for r in ok(trl)])
             rows.append({"case": label + ": reference pass", "metric": "seconds", "project": p, "trl": t,
                          "ratio": p / t if p and t else None, "target": "", "met": None, "errors": []})
     matmul = ok("matmul")
-    for c in ("i", "paper"):
-        if f"sft_{c}" not in setup["cases_run"] or not matmul:
+    for case, variant, flags in runs:
+        c = case.split("_")[1]
+        if case not in ("sft_i", "sft_paper") or not matmul:
             continue
         # per repetition: the step's useful FLOP/s over the matmul rate measured in the same repetition
-        flops, rates = dense_flops(setup["model"], setup["cases"][f"sft_{c}"]), {}
-        for system in ("project", "trl"):
+        flops, rates = dense_flops(setup["model"], setup["cases"][case]), {}
+        for system, name in (("project", f"project:{case.replace('_', ':')}{variant}"), ("trl", f"trl:sft:{c}")):
             rates[system] = median([flops / statistics.median(r["step_s"]) / m["flops_per_s"] for r, m in
-                                    zip(results.get(f"{system}:sft:{c}", []), results["matmul"])
+                                    zip(results.get(name, []), results["matmul"])
                                     if "error" not in r and "error" not in m])
         matmul_rate = median([m["flops_per_s"] for m in matmul])
-        rows.append({"case": f"useful FLOP/s of the SFT ({c}) step, of the matmul rate ({matmul_rate / 1e9:,.0f} GFLOP/s)",
+        rows.append({"case": f"useful FLOP/s of the SFT ({c}) step{flags}, of the matmul rate "
+                             f"({matmul_rate / 1e9:,.0f} GFLOP/s)",
                      "metric": "FLOP/s", "project": rates["project"], "trl": rates["trl"],
                      "ratio": None, "target": ">= 40%", "errors": [],
                      "met": None if rates["project"] is None else rates["project"] >= 0.4})
@@ -775,6 +786,12 @@ def main():
     cases_run = [c for c in args.cases.split(",") if c]
     if set(cases_run) - {"sft_i", "sft_ii", "sft_paper", "redi_i", "redi_ii", "dpo_i", "dpo_ii"}:
         sys.exit(f"error: --cases takes sft_i, sft_ii, sft_paper, redi_i, redi_ii, dpo_i, dpo_ii; got {args.cases!r}")
+    variants = []
+    for v in args.variant:
+        cases_v, sep, flags = v.partition(":")
+        if not sep or not flags.strip() or not set(cases_v.split(",")) <= set(cases_run):
+            sys.exit(f"error: --variant takes CASES:FLAGS with CASES among --cases ({args.cases}); got {v!r}")
+        variants.append((cases_v.split(","), flags.strip()))
     if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch or args.paper_batch % args.micro_batch:
         sys.exit("error: --sft-batch, --pair-batch and --paper-batch must be multiples of --micro-batch")
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
@@ -793,7 +810,7 @@ def main():
              "model": model, "pad_id": model["pad_id"], "cases": cases, "tokens": tokens, "cases_run": cases_run,
              "gen_prompts": [rng.integers(0, N_ORDINARY, int(rng.integers(100, 201))).tolist()
                              for _ in range(args.gen_prompts)],  # MATH-500-like prompt lengths
-             "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500}
+             "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500, "variants": variants}
     # The spread case: budgets spaced geometrically (trace lengths are skewed), in a shuffled order, so that long and
     # short samples mix in every batch, as they do when a model's lengths are not known in advance.
     cuda = torch.cuda.is_available()
@@ -822,11 +839,15 @@ def main():
           f"step(s) per worker; {info['gpu'] or info['cpu']}, {info['cores']} cores; workers stop above "
           f"{mem_limit:.1f} GB", flush=True)
 
-    pairs = []  # (project worker, TRL worker) per case; TRL's DPO run serves both REDI and DPO
+    # (project worker, TRL worker) per case; TRL's DPO run serves both REDI and DPO. The paper-sized case is judged
+    # against the matmul rate, so TRL's side of it is not run. Variants: the project alone, against the same TRL run.
+    pairs = []
     for case in cases_run:
         objective, c = case.split("_")
-        trl = None if args.no_trl else f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
+        trl = None if args.no_trl or c == "paper" else f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
         pairs.append((f"project:{objective}:{c}", trl))
+    pairs += [(f"project:{case.replace('_', ':')}:{k}", None) for k, (cases_v, _) in enumerate(variants)
+              for case in cases_v]
     results, t_start = {}, time.time()
     for rep in range(args.reps):
         order, seen = ["matmul"], set()

@@ -97,6 +97,25 @@ def test_packed_chunked_logprobs_equal_naive_values_and_gradients(attn):
     torch.testing.assert_close(sums, torch.stack([t.sum() for t in naive.detach().split([32, 1, 28])]), atol=1e-4, rtol=0)
 
 
+def test_update_norm_from_adamw_state_equals_the_weights_difference():
+    """clip_and_step reports ||theta_{t+1} - theta_t|| from AdamW's state instead of copying theta_t: it must
+    equal the difference of the weights, in fp64 (where the difference carries no visible rounding), over several
+    steps (bias corrections change), both parameter groups (decayed and not), and groups of tensors split small."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.LayerNorm(40), torch.nn.Linear(40, 30)).double()
+    optimizer = common.make_optimizer(model, 1e-2, 0.1)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2, 4]
+    for _ in range(3):
+        model(torch.randn(8, 50, dtype=torch.float64)).pow(2).sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        optimizer.zero_grad()
+        diff = sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before))
+        assert diff > 1e-4
+        for chunk_numel in (1000, 2**26):  # 5 groups of tensors; 1 per parameter group
+            assert common.adamw_update_sq(optimizer, chunk_numel).item() == pytest.approx(diff.item(), rel=1e-9)
+
+
 # -----------------------------------------------------------------------------
 # schedule
 
@@ -128,6 +147,18 @@ def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     lengths = [len(ids) for ids, _ in data.encode_chats(tok, *zip(*[(r["problem"], r["response"]) for r in sft_rows(40)]))]
     assert read_jsonl(tmp_path / "two/metrics.jsonl")[0]["tokens"] == sum(lengths[i] for i in data.batch_for_step(0, 40, 8, 0))
+
+
+def test_compiled_layers_give_the_eager_losses(tiny_model, sft_data, tmp_path):
+    """--compile (each decoder layer's forward through torch.compile; here with activation checkpointing, whose
+    wrapper is then compiled too) must train as the eager path does: every step's loss and gradient norm to 1e-5
+    (fp32 on a CPU; the compiled kernels may sum in other orders). Slow: ~1 min of compiling."""
+    sft(tiny_model, sft_data, tmp_path / "eager", "--grad-checkpointing")
+    sft(tiny_model, sft_data, tmp_path / "compiled", "--grad-checkpointing", "--compile")
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [s for s, _, _ in compiled] == [1, 2, 3, 4, 5]
+    for (_, l1, g1), (_, l2, g2) in zip(eager, compiled):
+        assert abs(l1 - l2) < 1e-5 and abs(g1 - g2) < 1e-5
 
 
 def test_step_one_loss_is_the_plain_mean_nll(tiny_model, sft_data, tmp_path):
