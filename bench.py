@@ -214,6 +214,7 @@ def project_worker(objective, examples, setup, device):
         spec = redi.resolve_objective(args)
     model, optimizer, _ = build_model(args, device)
     model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
+    mb = args.micro_batch_size  # a --variant may pack more per row than TRL's micro-batches hold
     groups = [list(range(i, min(i + mb, len(examples)))) for i in range(0, len(examples), mb)]  # sorted by length
     if objective == "sft":
         batches = [pack([examples[i] for i in g]).to(device) for g in groups]
