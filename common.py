@@ -137,8 +137,12 @@ def packed_sdpa(module, query, key, value, attention_mask, seq_bounds=None, **kw
     start of each sequence and the row's end. query: (1, heads, N, head_dim). Returns (1, N, heads, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     bounds = seq_bounds or (0, query.shape[2])
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
-                                   **kwargs)[0] for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    # split, not a slice per sequence: a slice's backward writes its gradient into a zero tensor of the whole
+    # row, S times over; split's backward is one concatenation (S = 32 sequences in 6,400 tokens, attention
+    # forward + backward on one CPU thread: 55 ms against 114; S = 128 in 32,768: 335 against 1,584)
+    outs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outs, dim=1), None
 
 
