@@ -21,12 +21,16 @@ from eval import extract_answer  # the evaluator's own rule labels the teacher's
 
 def demo_tokenizer(texts=(), vocab_size=512):
     """A byte-level BPE with Qwen's three special tokens and a ChatML template like Qwen2.5-Math's.
-    Digits are always single tokens, as in Qwen's tokenizer. Without texts: one token per byte. With
-    texts (the demo's prompts and traces): merges learnt from them, so sequences are ~3x shorter."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    Without texts: one token per byte. With texts (the demo's prompts and traces): merges learnt from them.
+    The text is split into words as Qwen2's tokenizer splits it (digits are single tokens), because that is
+    how the saved folder is read back: AutoTokenizer gives a Qwen2 model folder a Qwen2Tokenizer, which
+    applies this split whatever was saved, so merges learnt across its boundaries would never apply."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, show_progress=False,

@@ -60,3 +60,24 @@ def test_imports_run_one_way():
         imported[name] &= local - {name}
     assert imported["common"] == set() and imported["data"] == {"common"}
     assert imported["eval"] == {"common", "data"} and imported["demo"] == {"common", "data", "eval"}
+
+
+def test_demo_tokenizer_merges_survive_reloading(tmp_path):
+    """The student folder is read back by AutoTokenizer as a Qwen2Tokenizer, which splits text its own way: the
+    merges learnt on the corpus must be the ones that reloaded tokenizer applies (the same ids), and must apply
+    (the system prompt, a dozen words, becomes about a dozen tokens, not ~70 bytes)."""
+    import numpy as np
+    from common import load_tokenizer
+    from data import SYSTEM_PROMPT
+    from demo import demo_model, demo_tokenizer, teacher_trace
+    rng = np.random.default_rng(0)
+    traces = [teacher_trace(int(a), int(b), rng)[0] for a, b in rng.integers(1000, 10000, (300, 2))]
+    tok = demo_tokenizer([SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "What is 1234 + 5678?"] + traces)
+    demo_model(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "What is 4321 + 8765?"},
+            {"role": "assistant", "content": traces[0]}]
+    ids = tok.apply_chat_template(chat, tokenize=True)["input_ids"]
+    assert reloaded.apply_chat_template(chat, tokenize=True)["input_ids"] == ids
+    assert len(reloaded(SYSTEM_PROMPT)["input_ids"]) <= 20 < len(SYSTEM_PROMPT.encode())
