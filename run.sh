@@ -21,6 +21,9 @@ if [ "$MODE" = demo ]; then
     SFT_LR=3e-3                    # a tiny model trained from scratch needs a large LR
     LR=6e-5                        # stage 2: SFT's LR / 50, as the paper's 1e-6 after 5e-5
     HIGH_LR=3e-4                   # 5 x LR: the paper ran symmetric REDI at 1e-6 (collapsed) and 5x lower
+    # One thread: on a 2-core machine with another job running, torch's default two threads took ~5 s per SFT
+    # step against ~0.1 s for one (README, Time)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
     # Toy corpus in the OpenR1-Math-Raw schema: 3-digit column addition. The teacher sometimes misreads a digit,
     # forgets a carry, mis-adds or miscopies, and is resampled until right; a tiny random Qwen2 student (hidden 64,
