@@ -1,5 +1,6 @@
-# make demo   the whole pipeline, offline, on a CPU, on the embedded toy data (installs first)
-# make test   the test suite (installs first)
+# make demo         the whole pipeline, offline, on a CPU, on the embedded toy data (installs first)
+# make demo-seeds   the same over 3 SFT seeds x 2 stage-2 seeds, into the same runs/demo (README's table)
+# make test         the test suite (installs first)
 PY := .venv/bin/python
 
 .venv/.installed: requirements.txt requirements-test.txt
@@ -17,4 +18,7 @@ test: setup
 demo: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH bash run.sh demo
 
-.PHONY: setup test demo
+demo-seeds: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH SFT_SEEDS="0 1 2" SEEDS="0 1" bash run.sh demo
+
+.PHONY: setup test demo demo-seeds

@@ -4,8 +4,9 @@ a tiny random student with its tokenizer, so that the whole pipeline (`bash run.
     python demo.py --out demo/      # demo/raw.jsonl, demo/test.jsonl, demo/model
     python data.py prepare --input demo/raw.jsonl --tokenizer demo/model --out demo/data
 
-The task is 8-digit addition written out column by column. The teacher slips as a model doing it would (SLIPS) and
-is sampled until it is right, as in the paper; each trace is labelled by the evaluator's own answer extraction.
+The task is addition written out column by column (run.sh demo: 3-digit addends). The teacher slips as a model
+doing it would (SLIPS) and is sampled until it is right, as in the paper; each trace is labelled by the evaluator's
+own answer extraction.
 """
 import argparse
 import json
@@ -21,12 +22,16 @@ from eval import extract_answer  # the evaluator's own rule labels the teacher's
 
 def demo_tokenizer(texts=(), vocab_size=512):
     """A byte-level BPE with Qwen's three special tokens and a ChatML template like Qwen2.5-Math's.
-    Digits are always single tokens, as in Qwen's tokenizer. Without texts: one token per byte. With
-    texts (the demo's prompts and traces): merges learnt from them, so sequences are ~3x shorter."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    Without texts: one token per byte. With texts (the demo's prompts and traces): merges learnt from them.
+    The text is split into words as Qwen2's tokenizer splits it (digits are single tokens), because that is
+    how the saved folder is read back: AutoTokenizer gives a Qwen2 model folder a Qwen2Tokenizer, which
+    applies this split whatever was saved, so merges learnt across its boundaries would never apply."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size if texts else 0, show_progress=False,
@@ -53,7 +58,7 @@ def demo_model(tokenizer, hidden_size=64, layers=2, heads=4, seed=0):
 
 # The toy teacher's mistakes, per column (or per trace for the last one): each is a slip a model
 # doing column addition also makes, and each propagates to the final answer as a reasoning slip does.
-SLIPS = {"misread": 0.03,  # a digit of the problem is read as another digit (the tiny student's own main error)
+SLIPS = {"misread": 0.03,  # a digit of the problem is read as another digit
          "forget_carry": 0.08,  # a carry is not added to the next column
          "misadd": 0.02,  # a column's sum is off by one
          "miscopy": 0.02}  # the final answer is copied with two neighbouring digits swapped
@@ -139,9 +144,9 @@ def demo(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--problems", type=int, default=6000, help="training problems in raw.jsonl")
+    parser.add_argument("--problems", type=int, default=2000, help="training problems in raw.jsonl")
     parser.add_argument("--test-problems", type=int, default=400, help="held-out problems in test.jsonl")
-    parser.add_argument("--digits", type=int, default=8, help="digits per addend")
+    parser.add_argument("--digits", type=int, default=3, help="digits per addend")
     parser.add_argument("--max-tries", type=int, default=4,
                         help="teacher samples per problem, stopping at the first correct")
     parser.add_argument("--hidden-size", type=int, default=64)

@@ -914,16 +914,51 @@ def run_report(run):
         die(f"{run / 'config.json'} {wrong}; expected the config.json of an sft.py/redi.py run")
     # Step 0 is the starting model: when it is an evaluated checkpoint of another run, take its accuracy.
     start = Path(config["model"]).resolve() if "model" in config else None
-    if start and re.fullmatch(r"step_\d+", start.name) and 0 not in evals \
+    start_run = None  # the run whose checkpoint this one starts from: the SFT run of a stage-2 run
+    if start and re.fullmatch(r"step_\d+", start.name) \
             and (start.parent.parent / "eval" / start.name / "summary.json").exists():
-        evals[0] = run_report(start.parent.parent)["evals"][int(start.name[5:])]
-    return {"run": str(run), "evals": dict(sorted(evals.items())), "best": best, "metrics": metrics}
+        start_run = str(start.parent.parent)
+        if 0 not in evals:
+            evals[0] = run_report(start_run)["evals"][int(start.name[5:])]
+    return {"run": str(run), "evals": dict(sorted(evals.items())), "best": best, "metrics": metrics,
+            "start_run": start_run}
+
+
+def seed_table(runs):
+    """Runs of the same name (one folder per seed, e.g. sft_seedK/sft and sft_seedK/stage2_seedJ/b_redi) pooled: the
+    final pass@1's mean, its spread over SFT seeds (the sd of the means of the runs that start from each SFT run; an
+    SFT run is its own start) and over stage-2 seeds (the sd among runs from the same SFT run, averaged over SFT
+    runs), its range, and the change from each run's previous checkpoint to its last (3/4 of SFT to the end; halfway
+    through stage 2 to the end), which says whether a run had stopped moving. Sample sds (n - 1); "-" for one value."""
+    sd = lambda v: f"{np.std(v, ddof=1):.1%}" if len(v) > 1 else "-"  # noqa: E731
+    lines = ["| run | runs (SFT seeds x stage-2 seeds) | final pass@1, mean | sd over SFT seeds "
+             "| sd over stage-2 seeds | min to max | last - previous checkpoint, mean (min to max) |", "|---" * 7 + "|"]
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(Path(r["run"]).name, []).append(r)
+    for name, group in by_name.items():
+        by_start = {}
+        for r in group:
+            by_start.setdefault(r["start_run"] or r["run"], []).append(r["evals"][max(r["evals"])][0])
+        finals = [v for vs in by_start.values() for v in vs]
+        within = [np.std(v, ddof=1) for v in by_start.values() if len(v) > 1]
+        n_stage2 = sorted({len(v) for v in by_start.values()})
+        changes = []
+        for r in group:
+            steps = [s for s in r["evals"] if s > 0]  # step 0 is another run's checkpoint
+            if len(steps) > 1:
+                changes.append(r["evals"][steps[-1]][0] - r["evals"][steps[-2]][0])
+        change = f"{np.mean(changes):+.1%} ({min(changes):+.1%} to {max(changes):+.1%})" if changes else "-"
+        lines.append(f"| {name} | {len(by_start)} x {'/'.join(map(str, n_stage2))} | {np.mean(finals):.1%} | "
+                     f"{sd([np.mean(v) for v in by_start.values()])} | {f'{np.mean(within):.1%}' if within else '-'} | "
+                     f"{min(finals):.1%} to {max(finals):.1%} | {change} |")
+    return lines
 
 
 def report(args):
     """The table: the last checkpoint's pass@1 +- SEM and pass@k per run, and its best checkpoint's; LogPS at the
-    first and last step; the largest update; the first step flagged as collapse. Runs of the same name from several
-    seeds (one folder per seed) are also averaged: mean and standard deviation over seeds of the final pass@1.
+    first and last step; the largest update; the first step flagged as collapse. Then runs of the same name pooled over
+    seeds (seed_table): mean and spread of the final pass@1 over SFT seeds and stage-2 seeds.
     Each run folder gets RUN/best, a link to its best checkpoint (as RUN/final links the last), for run.sh's final
     evaluation; report.json names it too."""
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -948,12 +983,7 @@ def report(args):
             link.symlink_to(target.relative_to(r["run"]))
         else:
             print(f"note: {target} is not there, so {link} was not made")
-    by_name = {}
-    for r in runs:
-        by_name.setdefault(Path(r["run"]).name, []).append(r["evals"][max(r["evals"])][0])
-    if any(len(v) > 1 for v in by_name.values()):
-        lines += ["", "| run | seeds | final pass@1, mean +- std over seeds |", "|---|---|---|"]
-        lines += [f"| {name} | {len(v)} | {np.mean(v):.1%} +- {np.std(v):.1%} |" for name, v in by_name.items()]
+    lines += [""] + seed_table(runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines) + "\n")

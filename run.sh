@@ -2,63 +2,84 @@
 # The recipe as plain commands. Paths, model and GPU count are environment variables.
 #
 #   bash run.sh demo    offline, on a CPU: a toy corpus and a tiny student made by demo.py
-#                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SEEDS)
+#                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SFT_SEEDS, SEEDS)
 #   bash run.sh paper   the paper's recipe (PAPER.md §1-2) on one 8-GPU node (default)
 set -euo pipefail
 MODE=${1:-paper}
 
 if [ "$MODE" = demo ]; then
-    # ---- the demo: the same pipeline offline on a CPU, ~10 minutes on 2 cores
+    # ---- the demo: the same pipeline offline on a CPU, ~7 minutes on 2 cores (README). A step whose output is
+    # already there (the data, a finished run, an evaluated checkpoint) is skipped, so seeds can be added to the
+    # same OUT: `make demo-seeds` (SFT_SEEDS="0 1 2" SEEDS="0 1") makes the README's multi-seed table.
     OUT=${OUT:-runs/demo}
-    PROBLEMS=${PROBLEMS:-6000}     # training problems: ~2,600 become pairs
+    PROBLEMS=${PROBLEMS:-2000}     # training problems: ~500 become pairs
     TEST=${TEST:-400}              # held-out problems
-    SFT_EPOCHS=${SFT_EPOCHS:-8}    # enough for the student's accuracy to plateau (README)
+    SFT_EPOCHS=${SFT_EPOCHS:-20}   # the plateau is reached by 3/4 of them in every SFT seed tried (README)
     SAMPLES=${SAMPLES:-4}          # samples per test problem (PAPER.md §4's intermediate evals)
-    SEEDS=${SEEDS:-0}              # stage-2 data order and eval sampling; e.g. SEEDS="0 1 2"
+    SFT_SEEDS=${SFT_SEEDS-0}       # SFT data order (and its evaluation's sampling); e.g. SFT_SEEDS="0 1 2"
+    SEEDS=${SEEDS-0}               # stage-2 data order and eval sampling; e.g. SEEDS="0 1"; SEEDS="": SFT only
     SFT_LR=3e-3                    # a tiny model trained from scratch needs a large LR
     LR=6e-5                        # stage 2: SFT's LR / 50, as the paper's 1e-6 after 5e-5
     HIGH_LR=3e-4                   # 5 x LR: the paper ran symmetric REDI at 1e-6 (collapsed) and 5x lower
+    # One thread: on a 2-core machine with another job running, torch's default two threads took ~5 s per SFT
+    # step against ~0.1 s for one (README, Time)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-    # Toy corpus in the OpenR1-Math-Raw schema: 8-digit column addition. The teacher sometimes misreads
-    # a digit, forgets a carry, mis-adds or miscopies, and is resampled until right; a tiny random Qwen2
-    # student (hidden 64, 2 layers) with a BPE tokenizer learnt from the corpus.
-    python demo.py --out $OUT --problems $PROBLEMS --test-problems $TEST --digits 8
-    python data.py prepare --input $OUT/raw.jsonl --tokenizer $OUT/model --out $OUT/data
+    # Toy corpus in the OpenR1-Math-Raw schema: 3-digit column addition. The teacher sometimes misreads a digit,
+    # forgets a carry, mis-adds or miscopies, and is resampled until right; a tiny random Qwen2 student (hidden 64,
+    # 2 layers) with a BPE tokenizer learnt from the corpus.
+    if [ ! -f $OUT/data/pref.jsonl ]; then
+        python demo.py --out $OUT --problems $PROBLEMS --test-problems $TEST --digits 3 --hidden-size 64
+        python data.py prepare --input $OUT/raw.jsonl --tokenizer $OUT/model --out $OUT/data
+    fi
 
-    # Stage 1: SFT on the correct traces, checkpoints at 3/4 and at the end to show the plateau
-    STEPS=$(( $(wc -l < $OUT/data/sft.jsonl) / 32 * SFT_EPOCHS ))
-    python sft.py --model $OUT/model --data $OUT/data/sft.jsonl --out $OUT/sft --epochs $SFT_EPOCHS \
-        --batch-size 32 --micro-batch-size 32 --lr $SFT_LR --save-every $(( STEPS * 3 / 4 ))
-
-    # Evaluate every checkpoint of a run: RUN/eval/step_N
+    # Evaluate every checkpoint of a run that is not evaluated yet: RUN/eval/step_N (traces are ~50 tokens)
     evaluate() {
         for CKPT in $1/ckpt/step_*; do
-            python eval.py --model $CKPT --data $OUT/test.jsonl --samples $SAMPLES --seed ${2:-0} \
-                --max-new-tokens 200 --batch-size 200 --out $1/eval/$(basename $CKPT)
+            [ -f $1/eval/$(basename $CKPT)/summary.json ] || \
+                python eval.py --model $CKPT --data $OUT/test.jsonl --samples $SAMPLES --seed $2 \
+                    --max-new-tokens 80 --batch-size 400 --out $1/eval/$(basename $CKPT)
         done
     }
-    evaluate $OUT/sft
+    RUNS=()
+    for SFT_SEED in $SFT_SEEDS; do
+        # Stage 1: SFT on the correct traces, 16 sequences per step, checkpoints at 3/4 and at the end to show
+        # the plateau
+        SFT=$OUT/sft_seed$SFT_SEED/sft
+        STEPS=$(( $(wc -l < $OUT/data/sft.jsonl) / 16 * SFT_EPOCHS ))
+        [ -e $SFT/final ] || \
+            python sft.py --model $OUT/model --data $OUT/data/sft.jsonl --out $SFT --epochs $SFT_EPOCHS \
+                --batch-size 16 --micro-batch-size 16 --lr $SFT_LR --seed $SFT_SEED --save-every $(( STEPS * 3 / 4 )) \
+                --resume
+        evaluate $SFT $SFT_SEED
+        RUNS+=($SFT)
 
-    # Stage 2 from the same SFT checkpoint, one pass over the pairs, equal step budgets, a checkpoint
-    # halfway. DPO's beta is the paper's 0.001 scaled by its trace length over the toy's (~5,000 / ~120
-    # tokens), as its margin is a sum over tokens; SimPO's is length-normalised, so it stays 2 (gamma 1).
-    # The stage-2 LRs of DPO and SimPO keep their ratio to REDI's in the paper (2e-7 and 5e-7 to 1e-6).
-    HALF=$(( $(wc -l < $OUT/data/pref.jsonl) / 32 / 2 ))
-    for SEED in $SEEDS; do
-        S=$OUT/seed$SEED
-        STAGE2="python redi.py --model $OUT/sft/final --data $OUT/data/pref.jsonl --batch-size 32 \
-            --micro-batch-size 32 --seed $SEED --save-every $HALF"
-        $STAGE2 --out $S/a_sft      --loss redi --alpha 0.0 --lr $LR         # continued SFT on the chosen traces
-        $STAGE2 --out $S/b_redi     --loss redi --alpha 0.8 --lr $LR         # REDI
-        $STAGE2 --out $S/c_sym_high --loss redi --alpha 1.0 --lr $HIGH_LR    # symmetric REDI, high LR
-        $STAGE2 --out $S/d_redi_high --loss redi --alpha 0.8 --lr $HIGH_LR   # REDI, the same high LR
-        $STAGE2 --out $S/e_dpo      --loss dpo --beta 0.04 --lr 1.2e-5       # DPO
-        $STAGE2 --out $S/f_simpo    --loss simpo --beta 2 --gamma 1 --lr 3e-5  # SimPO
-        for RUN in $S/*; do evaluate $RUN $SEED; done
+        # Stage 2 from the same SFT checkpoint, one pass over the pairs, equal step budgets, a checkpoint halfway.
+        # DPO's beta is the paper's 0.001 scaled by its trace length over the toy's (~5,000 / ~50 tokens), as its
+        # margin is a sum over tokens; SimPO's is length-normalised, so it stays 2 (gamma 1). The stage-2 LRs of
+        # DPO and SimPO keep their ratio to REDI's in the paper (2e-7 and 5e-7 to 1e-6).
+        HALF=$(( ($(wc -l < $OUT/data/pref.jsonl) / 32 + 1) / 2 ))
+        for SEED in $SEEDS; do
+            S=$OUT/sft_seed$SFT_SEED/stage2_seed$SEED
+            stage2() {
+                [ -e $S/$1/final ] || \
+                    python redi.py --model $SFT/final --data $OUT/data/pref.jsonl --out $S/$1 --batch-size 32 \
+                        --micro-batch-size 32 --seed $SEED --save-every $HALF --resume "${@:2}"
+                evaluate $S/$1 $SEED
+                RUNS+=($S/$1)
+            }
+            stage2 a_sft       --loss redi --alpha 0.0 --lr $LR          # continued SFT on the chosen traces
+            stage2 b_redi      --loss redi --alpha 0.8 --lr $LR          # REDI
+            stage2 c_sym_high  --loss redi --alpha 1.0 --lr $HIGH_LR     # symmetric REDI, high LR
+            stage2 d_redi_high --loss redi --alpha 0.8 --lr $HIGH_LR     # REDI, the same high LR
+            stage2 e_dpo       --loss dpo --beta 0.1 --lr 1.2e-5         # DPO
+            stage2 f_simpo     --loss simpo --beta 2 --gamma 1 --lr 3e-5 # SimPO
+        done
     done
 
-    # One table (pass@1 +- SEM, pass@k, LogPS, update norm, collapse) and plots like the paper's Figure 6
-    python eval.py report $OUT/sft $OUT/seed*/* --out $OUT
+    # One table (pass@1 +- SEM, pass@k, LogPS, update norm, collapse), the runs pooled over seeds (mean and spread
+    # over SFT seeds and stage-2 seeds), and plots like the paper's Figure 6
+    python eval.py report "${RUNS[@]}" --out $OUT
     exit 0
 fi
 
