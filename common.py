@@ -1,4 +1,5 @@
-"""Plumbing shared by sft.py, redi.py and eval.py: processes, models, log-probs, optimiser, checkpoints.
+"""Plumbing shared by sft.py, redi.py, eval.py and data.py: processes, checked reading of input files, models,
+log-probs, optimiser, checkpoints.
 
 Nothing here knows about a particular loss; the training scripts read top to bottom and call in.
 """
@@ -67,6 +68,78 @@ def die(message):
     print0(f"error: {message}")
     cleanup()
     raise SystemExit(2)
+
+
+# -----------------------------------------------------------------------------
+# reading input files, for every script: a problem with one stops the run with one sentence naming the file
+# and its 1-based line (STYLE 8), never a traceback
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+              float: "a number", type(None): "null"}
+def check_file(path, flag, expected):
+    """path as a Path, if it is an existing file; else stop. expected: what it should be, in words."""
+    path = Path(path)
+    if path.is_dir():
+        die(f"{flag} {str(path)!r} is a folder; expected {expected}")
+    if not path.is_file():
+        die(f"{flag} {str(path)!r} does not exist; expected {expected}")
+    return path
+
+
+def decode_line(line):
+    """One line of a JSON-lines file, as bytes -> (value, None), or (None, what is wrong with it)."""
+    try:
+        return json.loads(line.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return None, f"is not UTF-8 text (byte {e.start + 1} of the line)"
+    except json.JSONDecodeError as e:
+        return None, f"is not JSON ({e.msg}, column {e.colno})"
+
+
+def read_json_lines(path, flag, expected, cut_last_ok=False):
+    """Yields (line number, value) for each non-blank line of a JSON-lines file; a line that is not UTF-8 or not
+    JSON stops the run. With cut_last_ok, one exception: a last line without its newline, which is what a crash
+    mid-write leaves (its writer reruns what it held), is skipped with a note saying where."""
+    path = check_file(path, flag, expected)
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            value, wrong = decode_line(line)
+            if wrong and cut_last_ok and not line.endswith(b"\n"):  # only the last line can lack its newline
+                print0(f"note: {path}, line {n}, the last, is cut short (as a crash mid-write leaves it); skipped")
+            elif wrong:
+                die(f"{path}, line {n} {wrong}; expected {expected}, one JSON object per line")
+            else:
+                yield n, value
+
+
+def read_json(path, flag, expected):
+    """A JSON file (summary.json, config.json); a file that is not UTF-8 or not JSON stops the run."""
+    path = check_file(path, flag, expected)
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        die(f"{path}, line {line} is not UTF-8 text; expected {expected}")
+    except json.JSONDecodeError as e:
+        die(f"{path}, line {e.lineno} is not JSON ({e.msg}, column {e.colno}); expected {expected}")
+
+
+def bad_fields(row, fields):
+    """What is wrong with a row's fields, in words (or None). fields: name -> (accepted types, the same in words).
+    JSON's true/false is never taken for a number."""
+    if not isinstance(row, dict):
+        return f"is {JSON_TYPES.get(type(row), 'not an object')}, not an object"
+    for name, (types, words) in fields.items():
+        types = types if isinstance(types, tuple) else (types,)
+        value = row.get(name, ...)
+        if value is ...:
+            return f"lacks the field {name!r} ({words})"
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"has {name!r} = {json.dumps(value)[:40]}, not {words}"
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from math_verify import parse, verify
 
-from common import TOKENIZER_FILES, check_model_path, cleanup, die, init_dist, load_model, load_tokenizer, print0
-from data import (JSON_TYPES, SYSTEM_PROMPT, bad_fields, check_file, open_corpus,
-                  read_json, read_json_lines, render_chat)
+from common import (JSON_TYPES, TOKENIZER_FILES, bad_fields, check_file, check_model_path, cleanup, die, init_dist,
+                    load_model, load_tokenizer, print0, read_json, read_json_lines)
+from data import SYSTEM_PROMPT, open_corpus, render_chat
 
 # Hub copies of the paper's benchmarks. Fields checked against each dataset card (none is reachable offline,
 # so none of these was loaded here): MATH-500 500 test rows (PAPER.md §4); AIME 2024 30 rows; AMC: the authors'
