@@ -176,14 +176,16 @@ def stop_profile(prof, device):
     """The operators that took the step's time, into the worker's log. Returns the step's count of operator calls
     (a proxy for kernel launches) and of the calls in SYNC_OPS."""
     prof.__exit__(None, None, None)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     print(averages.table(sort_by=key, row_limit=25), flush=True)
     aten = [e for e in averages if e.key.startswith("aten::")]
     counts = {"aten_calls": sum(e.count for e in aten),
               "sync_calls": sum(e.count for e in aten if e.key in SYNC_OPS)}
-    if device.type == "cuda":
-        counts["kernels"] = sum(e.count for e in averages if e.device_type.name == "CUDA")
+    if device.type == "cuda":  # the kernels, and the time the GPU spent running them (against the step's wall time)
+        kernels = [e for e in averages if e.device_type.name == "CUDA"]
+        counts["kernels"] = sum(e.count for e in kernels)
+        counts["gpu_busy_s"] = sum(e.self_device_time_total for e in kernels) / 1e6
     print("profile counts: " + json.dumps(counts), flush=True)
     return counts
 
