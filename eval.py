@@ -393,7 +393,9 @@ class SlotEngine:
       are about never short, so this is the cheap step.
     - full sort (draw_top_p): every row is also drawn from a full sort, kept where the row is short; nothing to
       redraw. A random model's rows are always short (its nucleus is ~95% of the vocabulary), and then one sort
-      inside the graph costs less than the host's sync and eager redraw.
+      inside the graph costs less than the host's sync and eager redraw (on an H100, 64 slots of the bench's
+      1.5B-sized model: the graph takes 6.6 ms against the prefiltered one's 5.2, the whole step 7.3-7.4 ms against
+      7.8-8.1 with the redraw).
     The host runs the full-sort variant after a step that had a short row, else the prefiltered one; both draw
     sample_top_p's token for every row, so the tokens never depend on which one ran. steps, sort_steps and redraws
     count the steps, those of the full-sort variant, and the host's redraws."""
