@@ -395,8 +395,9 @@ def generate_worker(setup, device, trained=False):
             if engine == "generate" and case == "spread" and not setup["gen_spread_generate"]:
                 continue
             slots = slot_engine(batch) if engine == "slots" else None
-            steps, busy, full_steps, full_s = ((slots.steps, slots.busy, slots.full_steps, slots.full_seconds)
-                                               if slots else (0, 0, 0, 0.0))
+            steps, busy, full_steps, full_s, sort_steps, redraws = (
+                (slots.steps, slots.busy, slots.full_steps, slots.full_seconds, slots.sort_steps, slots.redraws)
+                if slots else (0, 0, 0, 0.0, 0, 0))
             sync(device)
             t0, results = time.perf_counter(), []
             if slots:
@@ -414,25 +415,30 @@ def generate_worker(setup, device, trained=False):
                 r["busy"] = (slots.busy - busy) / (slots.steps - steps) / slots.slots
                 full = (slots.full_steps - full_steps, slots.full_seconds - full_s)
                 r["full_tokens_per_s"] = full[0] * slots.slots / full[1] if full[1] > 0 else None
+                # which decoding step ran: the full-sort variant's share of the steps, and the host's redraws after
+                # a prefiltered step with a short row (a random model: one per run; a trained one: about none)
+                r["sort_steps"] = (slots.sort_steps - sort_steps) / (slots.steps - steps)
+                r["redraws"] = slots.redraws - redraws
             out.setdefault(engine, {})[case] = r
             samples.setdefault(case, []).append([t for t, _, _ in results])
     if device.type == "cuda" and not trained and setup["gen_step_windows"]:
         # The captured step's time against its attention window, for projecting long responses: every slot reads
         # the window's columns whatever its own length, so the longest live sample sets the cost. Timed with the
-        # slots idle, which is the same fixed-shape work (less the random model's full-sort redraw).
+        # slots idle, which is the same fixed-shape work; each variant of the step.
         longest_window = max(setup["gen_step_windows"])
         engine = SlotEngine(model, width, longest_window, 1, 0.6, 0.95, [], pad_id)
         list(engine.generate([{"prompt_ids": prompts[0], "seed": 0}]))  # captures every window's graph
-        out["step_ms"] = {}
+        out["step_ms"], out["sort_step_ms"] = {}, {}
         for w in setup["gen_step_windows"]:
-            graph = engine.graphs[engine.windows[np.searchsorted(engine.windows, w)]]
-            graph.replay()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(20):
+            for key, graphs in (("step_ms", engine.graphs), ("sort_step_ms", engine.sort_graphs)):  # both variants
+                graph = graphs[engine.windows[np.searchsorted(engine.windows, w)]]
                 graph.replay()
-            sync(device)
-            out["step_ms"][w] = (time.perf_counter() - t0) / 20 * 1000
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    graph.replay()
+                sync(device)
+                out[key][w] = (time.perf_counter() - t0) / 20 * 1000
         del engine
     # How often the two engines gave a sample the same tokens. Same uniforms, same sampler, but logits equal only to
     # rounding (different attention kernels; bf16 on GPUs): a draw within rounding of a CDF boundary flips, and the
@@ -711,7 +717,10 @@ def summarize(results, setup):
             if new is None:
                 continue
             same = median([r["same_samples"][case] for r in gen if case in r["same_samples"]])
-            note = "" if same is None else f" ({same:.0%} of samples the same tokens)"
+            sort_share, redraws = rate("slots", case, "sort_steps"), rate("slots", case, "redraws")
+            notes = ([] if same is None else [f"{same:.0%} of samples the same tokens"]) + (
+                [] if sort_share is None else [f"full-sort step {sort_share:.0%} of steps, {redraws:g} host redraws"])
+            note = f" ({'; '.join(notes)})" if notes else ""
             if case == "spread":
                 ratio, target = new / rate("slots", "batched"), ("of its equal-length rate", 0.8)
             else:
@@ -727,12 +736,13 @@ def summarize(results, setup):
                              "project": full, "trl": None, "ratio": full / rate("slots", "batched") if full else None,
                              "target": "", "met": None, "errors": []})
         for w in setup["gen_step_windows"]:
-            ms = [r.get("step_ms", {}).get(str(w)) for r in gen]  # JSON made the windows strings
-            if any(m is not None for m in ms):
-                rows.append({"case": f"generate ({model}): engine slots, one captured decoding step of "
-                                     f"{setup['gen_prompts_n']} slots, attention window {w:,}", "metric": "ms",
-                             "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None,
-                             "errors": []})
+            for key, variant in (("step_ms", "prefiltered"), ("sort_step_ms", "full sort")):
+                ms = [r.get(key, {}).get(str(w)) for r in gen]  # JSON made the windows strings
+                if any(m is not None for m in ms):
+                    rows.append({"case": f"generate ({model}): engine slots, one captured decoding step ({variant}) "
+                                         f"of {setup['gen_prompts_n']} slots, attention window {w:,}", "metric": "ms",
+                                 "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None,
+                                 "errors": []})
     grade = ok("grade")
     if grade:
         rate = median([r["grades_per_s"] for r in grade])

@@ -233,6 +233,17 @@ def draw_sorted(probs, u, top_p):
     return _draw(*probs.sort(dim=-1, descending=True), u, top_p)
 
 
+def draw_top_p(probs, u, top_p, prefilter=1024):
+    """sample_top_p's draw with no branch, so a CUDA graph can hold it: every row drawn both ways, and the full sort's
+    draw kept where the top `prefilter` tokens hold less than top_p; also returns those rows, as draw_prefiltered does.
+    Drawing every row from the full sort instead would not always give sample_top_p's token where the nucleus fits:
+    topk and sort order tied probabilities differently (on a CPU too; ties are common when logits are bf16), and on a
+    GPU a cumsum over 1,024 columns and one over the vocabulary round differently (its kernel's layout depends on the
+    row length). Computing the prefiltered draw too costs one topk."""
+    token, short = draw_prefiltered(probs, u, top_p, prefilter)
+    return torch.where(short, draw_sorted(probs, u, top_p), token), short
+
+
 class Sampler:
     """A logits processor that samples each row with its own torch.Generator, seeded per (problem, sample), so a
     sample draws the same numbers whichever batch, rank or rerun produces it. It returns scores with one finite entry,
@@ -296,13 +307,13 @@ def generate_batch(model, jobs, args, pad_id, stop_ids, device):
 # - So a small engine of our own around the model's ordinary forward: a KV cache with one row per slot (SlotCache),
 #   given to the model as its cache; a 4-D mask per step; an attention function registered with HF's
 #   AttentionInterface for the duration of a run (slot_attention). The model code is HF's, unchanged.
-# Sampling is eval.py's own (draw_prefiltered/draw_sorted, the code sample_top_p runs) with each sample's own seeded
-# uniforms, the ones Sampler draws: from the same logits, the same tokens as engine "generate". What is reproducible:
-# a rerun of the same jobs with the same engine, slots and machine repeats every token. The logits themselves agree
-# only to rounding across engines, batch mates and hardware (attention kernels, padding and windows differ; bf16 on
-# GPUs), and a draw that lands within rounding of a boundary of its CDF flips, after which the sample goes its own
-# way: never in the tests here (fp32, vocabularies up to 49k, trained or small); often for a random model with a
-# 152k vocabulary, whose CDF steps are ~1/150,000 apart (bench.py reports the share of samples that agree).
+# Sampling is eval.py's own (draw_prefiltered, draw_sorted, draw_top_p: sample_top_p's draw) with each sample's own
+# seeded uniforms, the ones Sampler draws: from the same logits, the same tokens as engine "generate". What is
+# reproducible: a rerun of the same jobs with the same engine, slots and machine repeats every token. The logits
+# themselves agree only to rounding across engines, batch mates and hardware (attention kernels, padding and windows
+# differ; bf16 on GPUs), and a draw that lands within rounding of a boundary of its CDF flips, after which the sample
+# goes its own way: never in the tests here (fp32, vocabularies up to 49k, trained or small); often for a random model
+# with a 152k vocabulary, whose CDF steps are ~1/150,000 apart (bench.py reports the share of samples that agree).
 
 SLOT_ATTENTION = "eval_slots"  # the name slot_attention is registered under while a SlotEngine runs
 
@@ -373,10 +384,21 @@ class SlotEngine:
     once and then times it.
 
     One step: the model's forward on each slot's last token (the cache row gives the rest), softmax(logits / T),
-    the draw from the top 1,024 tokens with the slot's next uniform, and the bookkeeping (the token appended, pos and
-    the token count advanced, stop checks) all happen on the device; the host then reads two flags (one sync per
-    step): whether a row's nucleus was wider than its top 1,024 tokens (redrawn from a full sort, as sample_top_p
-    does; a random model's rows always are, a trained model's about never), and whether a sample stopped."""
+    the draw with the slot's next uniform, and the bookkeeping (the token appended, pos and the token count advanced,
+    stop checks) all happen on the device; the host then reads two flags (one sync per step): whether a row was
+    "short" (its top 1,024 tokens held less than top_p, so its nucleus needs the full sort), and whether a sample
+    stopped. The step comes in two variants, each captured per window:
+    - prefiltered (draw_prefiltered): sorts only the top 1,024 tokens. A short row's draw is wrong, so after the step
+      the host redraws it from the full sort (_redraw_short: a second sync, and an eager sort). A trained model's rows
+      are about never short, so this is the cheap step.
+    - full sort (draw_top_p): every row is also drawn from a full sort, kept where the row is short; nothing to
+      redraw. A random model's rows are always short (its nucleus is ~95% of the vocabulary), and then one sort
+      inside the graph costs less than the host's sync and eager redraw (on an H100, 64 slots of the bench's
+      1.5B-sized model: the graph takes 6.6 ms against the prefiltered one's 5.2, the whole step 7.3-7.4 ms against
+      7.8-8.1 with the redraw).
+    The host runs the full-sort variant after a step that had a short row, else the prefiltered one; both draw
+    sample_top_p's token for every row, so the tokens never depend on which one ran. steps, sort_steps and redraws
+    count the steps, those of the full-sort variant, and the host's redraws."""
 
     prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
 
@@ -396,7 +418,8 @@ class SlotEngine:
         import inspect
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.windows = attention_windows(self.capacity)
-        self.graphs = {}  # window -> torch.cuda.CUDAGraph, captured at the first run
+        self.graphs = {}  # window -> torch.cuda.CUDAGraph of the prefiltered step, captured at the first run
+        self.sort_graphs = {}  # window -> the full-sort step's graph, captured with them
         # The step's state, in buffers whose addresses never change (the graphs read and write them in place).
         dev = dict(device=self.device)
         self.columns = torch.arange(self.capacity, **dev)
@@ -415,11 +438,12 @@ class SlotEngine:
         self.stopped = torch.zeros(slots, dtype=torch.bool, **dev)
         self.flags = torch.zeros(2, dtype=torch.bool, **dev)  # any short row, any stopped row
         self.steps = self.busy = 0  # decoding steps run, and slot-steps that carried a sample (utilisation)
+        self.sort_steps = self.redraws = 0  # steps run as the full-sort variant, and host redraws after the other
         self.full_steps, self.full_seconds = 0, 0.0  # steps with every slot busy, and their time (refills included)
 
-    def _step(self, window):
+    def _step(self, window, full_sort):
         """One decoding step for all slots; no host sync, so a CUDA graph can hold it. Idle slots compute garbage
-        at column 0 and advance nothing."""
+        at column 0 and advance nothing. full_sort: the variant that draws short rows right (see the class)."""
         self.cache.window = window
         visible = self.columns[:window] <= self.pos[:, None]  # (slots, window): the row's tokens, the new one too
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
@@ -429,7 +453,7 @@ class SlotEngine:
                             **{self.cache_kw: self.cache}).logits[:, -1]  # (slots, V)
         self.probs.copy_(torch.softmax(logits.float() / self.temperature, dim=-1))  # as sample_top_p computes it
         self.u.copy_(self.uniforms.gather(1, self.t[:, None]).squeeze(1))
-        token, short = draw_prefiltered(self.probs, self.u, self.top_p)
+        token, short = (draw_top_p if full_sort else draw_prefiltered)(self.probs, self.u, self.top_p)
         self.short.copy_(short & self.active)
         self.generated.scatter_(1, self.t[:, None], token[:, None])
         self.tokens.copy_(token)
@@ -442,10 +466,12 @@ class SlotEngine:
         return (token[:, None] == self.stop_ids).any(-1)  # (n,); False for all when there are no stop ids
 
     def _redraw_short(self):
-        """Rows whose nucleus is wider than their top 1,024 tokens: the draw from a full sort (sample_top_p's
-        fallback, same probabilities and uniform), patched into the step's results."""
+        """After a prefiltered step, the rows whose nucleus is wider than their top 1,024 tokens: the draw from a full
+        sort (sample_top_p's fallback, same probabilities and uniform), patched into the step's results. Every slot's
+        row is sorted, as the full-sort step does, so that on a GPU the cumsum rounds as there (its kernel's layout
+        depends on the number of rows) and a token does not depend on which variant ran."""
         rows = self.short.nonzero().squeeze(1)
-        token = draw_sorted(self.probs[rows], self.u[rows], self.top_p)
+        token = draw_sorted(self.probs, self.u, self.top_p)[rows]
         t = self.t[rows]  # already advanced past this token
         self.generated[rows, t - 1] = token
         self.tokens[rows] = token
@@ -488,21 +514,23 @@ class SlotEngine:
         self.uniforms[slots] = uniforms.to(self.device)
 
     def _capture(self):
-        """One CUDA graph per attention window, captured while every slot is idle (the warm-up runs change
-        nothing then). The graphs share one memory pool: they never run at once, and none keeps a tensor alive."""
+        """Two CUDA graphs per attention window, one per variant, captured while every slot is idle (the warm-up runs
+        change nothing then). The graphs share one memory pool: they never run at once, and none keeps a tensor
+        alive."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: cuBLAS handles, kernel choices
             for w in self.windows:
-                self._step(w)
+                self._step(w, False), self._step(w, True)
         torch.cuda.current_stream().wait_stream(stream)
         pool = None
         for w in self.windows:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(w)
-            pool = graph.pool()
-            self.graphs[w] = graph
+            for graphs, full_sort in ((self.graphs, False), (self.sort_graphs, True)):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(w, full_sort)
+                pool = graph.pool()
+                graphs[w] = graph
 
     def generate(self, jobs):
         """Yields (job, (new tokens without the stop token, num_tokens including it, finish_reason)) as samples stop,
@@ -527,7 +555,8 @@ class SlotEngine:
                     except RuntimeError as e:  # an operation the graph cannot hold, in this torch/transformers
                         print(f"warning: engine slots could not capture its decoding step as a CUDA graph "
                               f"({str(e).splitlines()[0]}); decoding eagerly, much slower", flush=True)
-                        self.cuda_graphs, self.graphs = False, {}
+                        self.cuda_graphs, self.graphs, self.sort_graphs = False, {}, {}
+                full_sort = False  # the next step's variant: the full sort after a step that had a short row
                 while queue or any(j is not None for j in job_in):
                     free = [s for s in range(self.slots) if job_in[s] is None]
                     if free and queue:
@@ -537,9 +566,9 @@ class SlotEngine:
                             job_in[s], pos[s] = j, len(j["prompt_ids"]) - 1
                     window = self.windows[np.searchsorted(self.windows, pos.max() + 1)]
                     if self.cuda_graphs:
-                        self.graphs[window].replay()
+                        (self.sort_graphs if full_sort else self.graphs)[window].replay()
                     else:
-                        self._step(window)
+                        self._step(window, full_sort)
                     busy = [s for s in range(self.slots) if job_in[s] is not None]
                     self.steps, self.busy = self.steps + 1, self.busy + len(busy)
                     pos[busy] += 1
@@ -548,9 +577,12 @@ class SlotEngine:
                     if len(busy) == self.slots:
                         self.full_steps, self.full_seconds = self.full_steps + 1, self.full_seconds + now - last
                     last = now
-                    if any_short:
+                    redraw = any_short and not full_sort  # the full-sort step drew its short rows already
+                    if redraw:
                         self._redraw_short()
-                    if not (any_stopped or any_short):
+                    self.sort_steps, self.redraws = self.sort_steps + full_sort, self.redraws + redraw
+                    full_sort = any_short
+                    if not (any_stopped or redraw):
                         continue
                     done = self.stopped.nonzero().squeeze(1).tolist()
                     for s in done:

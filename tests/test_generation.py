@@ -1,7 +1,8 @@
 """eval.py's engine "slots" against engine "generate" (model.generate with eval.py's Sampler, the trusted path): the
 same sample must get the same tokens, num_tokens and finish reason, whatever the number of slots and the order in
-which slots are refilled; on a tiny random model, on a wide-vocabulary one whose nucleus always needs the full sort,
-and on a real trained model (SmolLM2-135M). Then eval.py end to end with --engine slots: the same results.jsonl as
+which slots are refilled, and whichever of its two decoding steps (prefiltered, full sort) ran; on a tiny random model,
+on a wide-vocabulary one whose nucleus always needs the full sort, on one with tied probabilities whose steps switch
+between the two variants, and on a real trained model (SmolLM2-135M). Then eval.py end to end with --engine slots: the same results.jsonl as
 --engine generate, a rerun that regenerates only what was lost, and two ranks that match one process. (The engines'
 logits agree to rounding, not bit for bit; no draw in these cases lies that close to a boundary of its CDF.)"""
 import json
@@ -22,13 +23,47 @@ def settings(max_new_tokens):
 
 
 def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384):
-    """The engine's results, put back in job order (it yields them in the order samples stop)."""
+    """The engine's results, put back in job order (it yields them in the order samples stop). The engine's
+    `variants` lists, per step, (whether it ran the full-sort variant, whether a row was short)."""
     capacity = max(len(j["prompt_ids"]) for j in jobs) + max_new_tokens - 1
     engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id)
     engine.prefill_tokens = prefill_tokens
+    engine.variants, step = [], engine._step
+
+    def logged_step(window, full_sort):  # on a CPU the engine calls _step eagerly: record what each step did
+        step(window, full_sort)
+        engine.variants.append((full_sort, bool(engine.flags[0])))
+    engine._step = logged_step
     by_job = {id(job): result for job, result in engine.generate(jobs)}
     assert len(by_job) == len(jobs)  # each job exactly once
+    assert len(engine.variants) == engine.steps
     return [by_job[id(j)] for j in jobs], engine
+
+
+def random_model(vocab, hidden=32, seed=0, tied_pairs=False, logit_scale=None):
+    """A random Qwen2. tied_pairs: token j + vocab/2 gets token j's embedding, so every logit has an exact twin (as
+    bf16 logits often do), and sort and topk order the twins differently. logit_scale: multiplies the final norm's
+    weight, so the logits and how peaked the distribution is."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        if tied_pairs:
+            embedding = model.get_input_embeddings().weight
+            embedding[vocab // 2:] = embedding[:vocab // 2]
+        if logit_scale is not None:
+            model.model.norm.weight.fill_(logit_scale)
+    return model
+
+
+def tied_logits(rows=64, vocab=3000, seed=0):
+    """Logits on a grid of 0.1, each value twice (tokens j and j + vocab/2), their spread growing from row to row
+    (sd 0.8 to 2.4): most rows' nucleus fits in the top 1,024 tokens and holds hundreds of tied pairs; some are short."""
+    g = torch.Generator().manual_seed(seed)
+    half = (torch.randn(rows, vocab // 2, generator=g) * torch.linspace(0.8, 2.4, rows)[:, None] * 10).round() / 10
+    return torch.cat([half, half], dim=1)  # (rows, vocab)
 
 
 def test_a_seeded_stream_drawn_at_once_is_the_one_drawn_one_by_one():
@@ -38,6 +73,22 @@ def test_a_seeded_stream_drawn_at_once_is_the_one_drawn_one_by_one():
         g = torch.Generator().manual_seed(seed)
         one_by_one = torch.stack([torch.rand((), generator=g) for _ in range(3000)])
         assert torch.equal(torch.rand(3000, generator=torch.Generator().manual_seed(seed)), one_by_one)
+
+
+def test_draw_top_p_is_sample_top_p_also_on_ties():
+    """draw_top_p (the full-sort step's draw) against sample_top_p (the trusted sampler: the prefiltered draw, then a
+    full sort for the short rows only), on logits where every value is tied with another. Drawing every row from the
+    full sort would not do: topk and sort order the tied pairs differently, so most rows whose nucleus fits get
+    another token (checked here, so that the test would catch that shortcut)."""
+    logits, u = tied_logits(), torch.rand(64, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits / 0.6, dim=-1)
+    expected = ev.sample_top_p(logits, u, 0.6, 0.95)
+    token, short = ev.draw_top_p(probs, u, 0.95)
+    assert torch.equal(token, expected)
+    assert torch.equal(short, probs.topk(1024, dim=-1).values.sum(-1) < 0.95) and 10 < short.sum() < 32
+    fits = ~short
+    assert (ev.draw_sorted(probs, u, 0.95) != expected)[fits].float().mean() > 0.3
+    assert torch.equal(ev.draw_sorted(probs, u, 0.95)[short], expected[short])  # where it is short, the same sort
 
 
 def test_attention_windows_cover_every_length_with_little_waste():
@@ -68,47 +119,74 @@ def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens):
     got, engine = run_slots(model, jobs, slots, 16, stop_ids, tok.pad_token_id, prefill_tokens)
     assert got == expected
     assert engine.busy == sum(n for _, n, _ in expected)  # every slot-step carried a sample's token
+    assert engine.sort_steps == engine.redraws == 0  # ~500 tokens: the top 1,024 are all of them, never short
     assert model.config._attn_implementation == "sdpa"  # the engine gave the model its attention back
     assert ev.generate_batch(model, jobs, settings(16), tok.pad_token_id, stop_ids, CPU) == expected
 
 
-def test_slots_on_a_wide_vocabulary_take_the_full_sort(monkeypatch):
+def test_slots_on_a_wide_vocabulary_take_the_full_sort():
     """A random model over 3,000 tokens: every row's top-p nucleus is wider than the top 1,024 tokens, so every draw
-    is redrawn from a full sort, on the device after the step (engine slots) or in sample_top_p (engine generate)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=3000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    comes from a full sort: in sample_top_p (engine generate); in engine slots, after the run's first step (the
+    prefiltered one) by the host's redraw, and then by the full-sort step, every step. Run twice on one engine."""
+    model = random_model(3000)
     jobs = [{"prompt_ids": torch.randint(0, 3000, (n,)).tolist(), "seed": n} for n in (5, 17, 2, 30)]
     expected = ev.generate_batch(model, jobs, settings(10), 0, [], CPU)
-    calls = []
-    monkeypatch.setattr(ev, "draw_sorted", lambda probs, u, top_p: calls.append(len(u)) or ev._draw(
-        *probs.sort(dim=-1, descending=True), u, top_p))
     got, engine = run_slots(model, jobs, 3, 10, [], 0)
-    assert got == expected and sum(calls) == 40  # 4 samples x 10 tokens, each drawn from the full sort
+    assert got == expected
+    assert engine.variants == [(False, True)] + [(True, True)] * (engine.steps - 1)
+    assert engine.redraws == 1 and engine.sort_steps == engine.steps - 1
+    steps = engine.steps
+    assert [r for _, r in engine.generate(jobs[:1])] == expected[:1]
+    assert engine.redraws == 2 and engine.sort_steps == engine.steps - 2 and engine.steps == steps + 10
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_slots_switch_between_their_two_steps_token_for_token(slots):
+    """A random model over 3,000 tokens whose logits come in exact pairs (tokens j and j + 1,500), peaked so that
+    some rows are short (21 of the 120 steps with one slot, in runs of up to ~10): the engine runs the full-sort step after each step with a short row and the
+    prefiltered one otherwise, and every sample gets engine generate's tokens. Both variants meet the tied pairs
+    (topk and sort order them differently), so a full-sort step that drew a row whose nucleus fits from the full sort
+    instead of from its top 1,024 would get other tokens."""
+    model = random_model(3000, tied_pairs=True, logit_scale=9.0)
+    g = torch.Generator().manual_seed(0)
+    jobs = [{"prompt_ids": torch.randint(0, 3000, (n,), generator=g).tolist(), "seed": n} for n in (5, 17, 2, 30, 9)]
+    expected = ev.generate_batch(model, jobs, settings(24), 0, [], CPU)
+    got, engine = run_slots(model, jobs, slots, 24, [], 0)
+    assert got == expected
+    variant, short = zip(*engine.variants)
+    assert variant == (False,) + short[:-1]  # the policy: the full sort after a step with a short row, only then
+    assert {(False, False), (False, True), (True, False), (True, True)} <= set(engine.variants)  # every transition
+    assert engine.sort_steps == sum(variant) and engine.redraws == sum(not v and s for v, s in engine.variants)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA graphs are captured there only")
-@pytest.mark.parametrize("vocab", [64, 3000])
-def test_cuda_graphs_replay_what_eager_steps_compute(vocab):
-    """On a GPU: the captured steps (one graph per window; 300 new tokens cross from the 256 window to the 512 one)
-    give exactly what the same steps launched one by one give (the same kernels on the same inputs), and, over 300
-    tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are ~1/64 apart)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).cuda().eval()
+@pytest.mark.parametrize("vocab,logit_scale", [(64, None), (3000, None), (3000, 9.0)])
+def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale):
+    """On a GPU: the captured steps (two graphs per window, one per variant; 300 new tokens cross from the 256 window
+    to the 512 one) give exactly what the same steps launched one by one give (the same kernels on the same inputs),
+    and, over 300 tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are
+    ~1/64 apart). 64 tokens: never short, the prefiltered step only; 3,000: always short, the full-sort step after
+    the first; 3,000 in tied pairs, more peaked: the two variants in turn."""
+    model = random_model(vocab, hidden=64 if logit_scale is None else 32, tied_pairs=logit_scale is not None,
+                         logit_scale=logit_scale).cuda()  # hidden 32 with scale 9: 40 of 600 steps full sort on a CPU
     jobs = [{"prompt_ids": torch.randint(0, vocab, (n,)).tolist(), "seed": n} for n in (5, 40, 1, 90, 17)]
     jobs[2]["max_new_tokens"] = 50
     cuda = torch.device("cuda")
     expected = ev.generate_batch(model, jobs, settings(300), 0, [], cuda)
-    results = {}
+    results, counts = {}, {}
     for graphs in (True, False):
         engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs)
         by_job = {id(job): result for job, result in engine.generate(jobs)}
-        results[graphs] = [by_job[id(j)] for j in jobs]
-        assert bool(engine.graphs) == graphs and len(engine.windows) == 2
-    assert results[True] == results[False]
+        results[graphs], counts[graphs] = [by_job[id(j)] for j in jobs], (engine.sort_steps, engine.redraws)
+        assert bool(engine.graphs) == bool(engine.sort_graphs) == graphs and len(engine.windows) == 2
+    assert results[True] == results[False] and counts[True] == counts[False]
+    sort_steps, redraws = counts[True]
+    if vocab == 64:
+        assert sort_steps == redraws == 0
+    elif logit_scale is None:
+        assert redraws == 1 and sort_steps > 200  # 300 + 50 steps at least, all but the first the full sort
+    else:
+        assert redraws > 0 and sort_steps > 0
     assert vocab > 64 or results[True] == expected
 
 
@@ -122,7 +200,8 @@ def smollm2(tmp_path_factory):
 
 def test_slots_on_a_trained_model(smollm2):
     """SmolLM2-135M-Instruct on MATH-500 prompts in eval.py's prompt: peaked distributions, so draws come from the
-    top-1,024 prefilter; its real stop tokens; 3 slots for 6 samples of prompts of different lengths."""
+    top-1,024 prefilter and the engine keeps the prefiltered step; its real stop tokens; 3 slots for 6 samples of
+    prompts of different lengths."""
     from bench import math500_rows
     from common import load_model, load_tokenizer
     tok, model = load_tokenizer(str(smollm2)), load_model(str(smollm2)).eval()
@@ -132,8 +211,9 @@ def test_slots_on_a_trained_model(smollm2):
             for r, ids in zip(rows, prompts) for s in range(2)]
     stop_ids = ev.stop_token_ids(tok)
     expected = ev.generate_batch(model, jobs, settings(24), tok.pad_token_id, stop_ids, CPU)
-    got, _ = run_slots(model, jobs, 3, 24, stop_ids, tok.pad_token_id)
+    got, engine = run_slots(model, jobs, 3, 24, stop_ids, tok.pad_token_id)
     assert got == expected
+    assert engine.sort_steps == engine.redraws == 0  # a trained model's nucleus fits: the prefiltered step throughout
     assert len({len(p) for p in prompts}) == 3 and len({tuple(t) for t, _, _ in got}) == 6  # six different samples
 
 
