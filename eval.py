@@ -309,7 +309,8 @@ def generate_batch(model, jobs, args, pad_id, stop_ids, device):
 #   AttentionInterface for the duration of a run (slot_attention). The model code is HF's, unchanged.
 # Sampling is eval.py's own (draw_prefiltered, draw_sorted, draw_top_p: sample_top_p's draw) with each sample's own
 # seeded uniforms, the ones Sampler draws: from the same logits, the same tokens as engine "generate". What is
-# reproducible: a rerun of the same jobs with the same engine, slots and machine repeats every token. The logits
+# reproducible: a rerun of the same jobs with the same engine, slots and machine repeats every token, except with one
+# slot on a GPU (on an H100 a one-row cumsum was not bit-for-bit repeatable from run to run; rows > 1 were). The logits
 # themselves agree only to rounding across engines, batch mates and hardware (attention kernels, padding and windows
 # differ; bf16 on GPUs), and a draw that lands within rounding of a boundary of its CDF flips, after which the sample
 # goes its own way: never in the tests here (fp32, vocabularies up to 49k, trained or small); often for a random model
