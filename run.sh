@@ -100,6 +100,13 @@ NGPU=${NGPU:-8}
 SFT_EPOCHS=${SFT_EPOCHS:-5}
 STAGE2=${STAGE2:-"--loss redi --alpha 0.8 --lr 1e-6"}
 RUN2=${RUN2:-redi}
+# Sequences per forward (packed end to end in one row): a GPU step pays a fixed host cost per forward (~0.1-0.2 s
+# at 1.5B on an H100: 28 checkpointed, sharded layers launched op by op), so a rank's 16 SFT sequences go as 4 rows
+# of 4 and its 4 stage-2 pairs as 2 rows of 2. The loss is normalised by the step's token or pair count, so the
+# numbers are those of one sequence per forward (tests/test_sft.py, tests/test_redi.py); lower these if a row of
+# the longest traces runs out of memory
+SFT_MICRO=${SFT_MICRO:-4}
+PAIR_MICRO=${PAIR_MICRO:-2}
 # Evaluation prompt: lighteval = the authors' user template and generation prompt, which the paper's
 # numbers come from (PAPER.md §4); bare = the training prompt
 PROMPT=${PROMPT:-lighteval}
@@ -113,13 +120,14 @@ S2=$OUT/sft_${SFT_EPOCHS}ep-$RUN2   # e.g. runs/paper/sft_5ep-redi
 # Stage 1: SFT for SFT_EPOCHS epochs, LR 5e-5, batch 128, 32k context after the authors' window override
 [ -e $SFT/final ] || \
     torchrun --nproc_per_node $NGPU sft.py --model $BASE --data $OUT/data/sft.jsonl --out $SFT \
-        --epochs $SFT_EPOCHS --max-position-embeddings 32768 --rope-theta 300000 --grad-checkpointing --resume
+        --epochs $SFT_EPOCHS --max-position-embeddings 32768 --rope-theta 300000 --grad-checkpointing \
+        --micro-batch-size $SFT_MICRO --resume
 
 # Stage 2 from that SFT model: one epoch over D_Pref, 32 pairs per step (1,661 steps), a checkpoint
 # every 100 steps (the paper evaluates checkpoints and keeps the best)
 [ -e $S2/final ] || \
     torchrun --nproc_per_node $NGPU redi.py --model $SFT/final --data $OUT/data/pref.jsonl --out $S2 \
-        $STAGE2 --grad-checkpointing --save-every 100 --resume
+        $STAGE2 --grad-checkpointing --micro-batch-size $PAIR_MICRO --save-every 100 --resume
 
 # Intermediate evals (PAPER.md §4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
 # checkpoint (an evaluation already done is not redone); the report marks each run's best checkpoint

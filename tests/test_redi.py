@@ -139,6 +139,18 @@ def test_two_ranks_give_the_one_rank_losses(loss, tiny_model, pref_data, tmp_pat
     assert "| upd " in one.stdout and "| logps w " in one.stdout  # the fixed-width line
 
 
+def test_more_pairs_per_row_give_the_same_losses(tiny_model, pref_data, tmp_path):
+    """run.sh paper packs 2 pairs (4 sequences) per forward. REDI's loss is a mean over the step's pairs, so only the
+    order of the sums may change."""
+    train(tiny_model, pref_data, tmp_path / "one", "--micro-batch-size", "1")
+    train(tiny_model, pref_data, tmp_path / "four", "--micro-batch-size", "4")
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "four")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "update_norm", "chosen_logps_per_token", "rejected_logps_per_token"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5, rel=1e-4), key
+
+
 def test_resume_equals_uninterrupted(tiny_model, pref_data, tmp_path):
     train(tiny_model, pref_data, tmp_path / "full", "--loss", "simpo")
     train(tiny_model, pref_data, tmp_path / "cut", "--loss", "simpo", "--stop-at-step", 1)

@@ -67,6 +67,8 @@ def test_paper_recipe_runs_sft_3ep_on_its_own_and_evaluates_the_best_checkpoint(
     sft, redi = calls[0][1], calls[1][1]
     assert (flag(sft, "--epochs"), flag(sft, "--out")) == ("5", str(paper / "sft_5ep"))
     assert flag(redi, "--model") == str(paper / "sft_5ep/final") and flag(redi, "--alpha") == "0.8"
+    # 8 GPUs: a rank's 16 SFT sequences as 4 rows of 4, its 4 pairs as 2 rows of 2
+    assert (flag(sft, "--micro-batch-size"), flag(redi, "--micro-batch-size")) == ("4", "2")
     for _, args in calls[2:]:  # every evaluation uses the authors' prompt
         assert flag(args, "--prompt") == "lighteval"
     final = calls[-1][1]
