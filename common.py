@@ -202,15 +202,15 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     return model
 
 
-@torch.compiler.disable  # under --compile: a graph break, so the compiled pieces never depend on S or the lengths
 def packed_sdpa(module, query, key, value, attention_mask, seq_bounds=None, **kwargs):
     """Attention for a packed row (data.Packed): PyTorch's SDPA with its causal kernel, run on each sequence of
     the row in turn, so attention never crosses sequences and no (tokens x tokens) mask is ever built (the
     block-diagonal mask transformers makes for `sdpa` from restarting position ids holds N^2 entries: 2.5 GB
-    more than this for one 11,443-token pair on this project's CPU benchmark model). seq_bounds: a CPU tensor, the
+    more than this for one 11,443-token pair on this project's CPU benchmark model). seq_bounds: the host-side
     start of each sequence and the row's end. query: (1, heads, N, head_dim). Returns (1, N, heads, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    lengths = seq_bounds.diff().tolist() if seq_bounds is not None else [query.shape[2]]  # on the host: no sync
+    bounds = seq_bounds or (0, query.shape[2])
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     # split, not a slice per sequence: a slice's backward writes its gradient into a zero tensor of the whole
     # row, S times over; split's backward is one concatenation (S = 32 sequences in 6,400 tokens, attention
     # forward + backward on one CPU thread: 55 ms against 114; S = 128 in 32,768: 335 against 1,584)
@@ -245,21 +245,15 @@ class TokenLogprobs(nn.Module):
     gathers a module's parameters only when that module is called, and this wrapper is the root.
     """
 
-    def __init__(self, lm, chunk_size=256, compile=False):
+    def __init__(self, lm, chunk_size=256):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
-        # compiled (--compile), the upcast and the cross-entropy fuse: the chunk's logits are read once, in bf16 on a
-        # GPU, instead of being copied to fp32 and read again
-        self.chunk_logps = torch.compile(_chunk_logps, dynamic=True) if compile else _chunk_logps
 
     def forward(self, input_ids, position_ids, pred_at, targets, seq_bounds=None):
         """input_ids, position_ids: (1, N); pred_at, targets: (R,); seq_bounds: a tuple of host ints, as in
         data.Packed. Returns (R,) float32 (float64 for a float64 model): the log-prob of each response token."""
-        # the bounds travel as a CPU tensor, not a tuple: a compiled layer (--compile) then sees one input whose size
-        # varies, where a tuple's S + 1 numbers would each be a constant to guard on, and recompile for
-        packed = {"seq_bounds": torch.tensor(seq_bounds)} if self.lm.config._attn_implementation == "packed_sdpa" \
-            else {}
+        packed = {"seq_bounds": seq_bounds} if self.lm.config._attn_implementation == "packed_sdpa" else {}
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                **packed).last_hidden_state[0]  # (N, H)
         h = hidden.index_select(0, pred_at)  # (R, H): the hidden state at t predicts token t + 1
@@ -268,9 +262,9 @@ class TokenLogprobs(nn.Module):
         for i in range(0, h.shape[0], self.chunk_size):  # R is known on the host: no wait on the device
             args = (h[i:i + self.chunk_size], head.weight, head.bias, targets[i:i + self.chunk_size])
             if torch.is_grad_enabled():
-                chunks.append(checkpoint(self.chunk_logps, *args, use_reentrant=False))
+                chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
             else:
-                chunks.append(self.chunk_logps(*args))
+                chunks.append(_chunk_logps(*args))
         return torch.cat(chunks)  # (R,)
 
 
@@ -283,18 +277,16 @@ def sequence_logps(model, batch):
 def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=False):
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). GPUs compute in
     bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32. With `compile`, each
-    decoder layer's forward is compiled before sharding, as two graphs (before and after attention, which
-    packed_sdpa runs eagerly, one sequence at a time) that serve every layer and every packed row: one compile
-    per run, whatever the number of sequences in a row or their lengths (a CPU probe: 4 layers, rows of 1-4
-    sequences of 60-300 tokens, no recompile after the first). The head's chunks are compiled too.
+    decoder layer's forward is compiled before sharding (the layers are identical, so one graph serves
+    all of them; a packed row's number of sequences is part of the graph, so each new count compiles once more).
     Compiling the module's __call__ instead traced FSDP's hooks and captured almost nothing (8 operator calls
     against 318 in a 4-layer CPU probe)."""
     if grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:  # the layer's own forward (checkpointing's wrapper, if on), not its __call__: FSDP's hooks stay eager
-        for layer in lm.model.layers:  # dynamic: packed rows change length every micro-batch
-            layer.forward = torch.compile(layer.forward, dynamic=True)
-    model = TokenLogprobs(lm, chunk_size, compile)
+        for layer in lm.model.layers:  # dynamic: packed rows change length every micro-batch; one graph serves
+            layer.forward = torch.compile(layer.forward, dynamic=True)  # every layer, and each count of sequences
+    model = TokenLogprobs(lm, chunk_size)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     world = dist.get_world_size()
@@ -452,9 +444,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
                         "more, no faster; on a GPU larger chunks mean fewer launches)")
     g = parser.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder layer and the head's chunks (the first step compiles: ~50 s on an "
-                        "H100 at 1.5B). Off by default: on one H100 at 1.5B it was slower than eager (SFT (i) 6,350 "
-                        "against TRL's 12,280 tokens/s; README), its per-call overhead adding to a host-bound step")
+                   help="torch.compile each decoder layer (the first step compiles, and again for each new count of "
+                        "sequences in a row). Off: not yet measured faster on a GPU (README, Training speed)")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
