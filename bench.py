@@ -101,6 +101,8 @@ parser.add_argument("--paper-batch", type=int, default=16,
                     help="case sft_paper: sequences in one SFT step, the paper's 128-sequence batch over 8 GPUs "
                          "(project only: its target is the matmul rate)")
 parser.add_argument("--micro-batch", type=int, default=1, help="sequences (SFT) or pairs per forward, both systems")
+parser.add_argument("--paper-micro-batch", type=int, default=4,
+                    help="case sft_paper: sequences per forward, as run.sh paper packs them (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0, help="weights and token ids")
 # evaluation
 parser.add_argument("--gen-prompts", type=int, default=32,
@@ -514,6 +516,8 @@ def worker_main(name, setup_path):
         result = grade_worker(setup)
     else:
         system, objective, case, *variant = name.split(":")  # e.g. project:redi:ii, or project:sft:i:1 (--variant)
+        if case == "paper":  # the recipe's packing (a --variant's --micro-batch-size, parsed later, still wins)
+            setup["micro_batch"] = setup["paper_micro_batch"]
         if variant:
             setup["extra_flags"] = setup["variants"][int(variant[0])][1].split()
         data = f"{'sft' if objective == 'sft' else 'pair'}_{case}"
@@ -656,7 +660,8 @@ def summarize(results, setup):
         project, trl = f"project:{objective}:{c}{variant}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
         label = {"sft": "SFT", "redi": "REDI", "dpo": "DPO"}[objective] + (
             f" (i) 1 x {setup['seq_len']:,}" if c == "i" else
-            f" (paper) {setup['paper_batch']} x {setup['min_len']:,}-{setup['max_len']:,}, one step" if c == "paper" else
+            f" (paper) {setup['paper_batch']} x {setup['min_len']:,}-{setup['max_len']:,}, one step, "
+            f"{setup['paper_micro_batch']} per forward" if c == "paper" else
             f" (ii) {setup['sft_batch'] if objective == 'sft' else setup['pair_batch']} x "
             f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "") + flags
         # the targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case
@@ -805,8 +810,9 @@ def main():
         if not sep or not flags.strip() or not set(cases_v.split(",")) <= set(cases_run):
             sys.exit(f"error: --variant takes CASES:FLAGS with CASES among --cases ({args.cases}); got {v!r}")
         variants.append((cases_v.split(","), flags.strip()))
-    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch or args.paper_batch % args.micro_batch:
-        sys.exit("error: --sft-batch, --pair-batch and --paper-batch must be multiples of --micro-batch")
+    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch or args.paper_batch % args.paper_micro_batch:
+        sys.exit("error: --sft-batch and --pair-batch must be multiples of --micro-batch, --paper-batch of "
+                 "--paper-micro-batch")
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     mem_limit = args.mem_limit_gb or 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
