@@ -187,7 +187,8 @@ def stop_profile(prof, device):
     if device.type == "cuda":  # the kernels, and the time the GPU spent running them (against the step's wall time)
         # (record_function ranges such as FSDP's also show on the GPU's timeline: not kernels, left out as the
         # profiler's own "Self CUDA time total" leaves them out)
-        kernels = [e for e in averages if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
+        kernels = [e for e in averages
+                   if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
         counts["kernels"] = sum(e.count for e in kernels)
         counts["gpu_busy_s"] = sum(e.self_device_time_total for e in kernels) / 1e6
     print("profile counts: " + json.dumps(counts), flush=True)
