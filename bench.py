@@ -813,7 +813,8 @@ def main():
         if not sep or not flags.strip() or not set(cases_v.split(",")) <= set(cases_run):
             sys.exit(f"error: --variant takes CASES:FLAGS with CASES among --cases ({args.cases}); got {v!r}")
         variants.append((cases_v.split(","), flags.strip()))
-    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch or args.paper_batch % args.paper_micro_batch:
+    if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch \
+            or args.paper_batch % args.paper_micro_batch:
         sys.exit("error: --sft-batch and --pair-batch must be multiples of --micro-batch, --paper-batch of "
                  "--paper-micro-batch")
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
