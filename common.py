@@ -327,6 +327,18 @@ def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
     return peak_lr * (total_steps - step) / (total_steps - warmup)
 
 
+def accumulate(model, batches):
+    """Yields a step's micro-batches for forward and backward. With more than one rank, FSDP sums the gradients
+    over ranks once per step, in the last micro-batch's backward, and keeps the earlier micro-batches' unsharded
+    sum until then (fp32, the model's size: 6.3 GB at 1.5B) instead of a reduce-scatter after every micro-batch.
+    On one rank there is nothing to reduce, and that sum would be a second copy of the gradients: each backward
+    then reduces as it goes, as before."""
+    one_rank = dist.get_world_size() == 1
+    for i, batch in enumerate(batches):
+        model.set_requires_gradient_sync(one_rank or i == len(batches) - 1)
+        yield batch
+
+
 def clip_and_step(model, optimizer, lr, max_grad_norm):
     """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the gradient
     norm before clipping and the norm of the update theta_{t+1} - theta_t over all parameters (the

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (StepTimer, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
+from common import (StepTimer, accumulate, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
                     clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, peak_memory_gb,
                     print0, sequence_logps, start_run, to_host)
 from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
@@ -232,7 +232,7 @@ def train_step(model, optimizer, batches, ref, lr, objective, args, device):
     hparams = {name: getattr(args, name) for name in objective.hparams}
     sums = dict.fromkeys(("loss", "chosen_logps_per_token", "rejected_logps_per_token", "margin",
                           "reward_accuracy", "tokens"), 0)  # this rank's sums over its pairs
-    for batch, idx in batches:
+    for batch, idx in accumulate(model, batches):
         p = pair_logps(model, batch)
         if objective.needs_reference:
             ref_w, ref_l = ref[idx].to(p.chosen_logps.dtype).unbind(-1)

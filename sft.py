@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from common import (StepTimer, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
+from common import (StepTimer, accumulate, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
                     clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, peak_memory_gb, print0,
                     start_run, to_host)
 from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
@@ -57,7 +57,7 @@ def train_step(model, optimizer, batches, lr, args, device):
     step_tokens, tokens = global_sum([sum(b.targets.shape[0] for b in batches),
                                       sum(b.input_ids.shape[1] for b in batches)], device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share of the step's loss
-    for b in batches:
+    for b in accumulate(model, batches):
         loss = -model(*b.model_inputs).sum() / step_tokens
         loss.backward()
         loss_sum += loss.detach()

@@ -149,6 +149,39 @@ def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
     assert read_jsonl(tmp_path / "two/metrics.jsonl")[0]["tokens"] == sum(lengths[i] for i in data.batch_for_step(0, 40, 8, 0))
 
 
+REDUCTIONS = """
+import sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from transformers import Qwen2Config, Qwen2ForCausalLM
+sys.path.insert(0, ".")
+import common, sft
+from data import pack
+rank, world, device = common.init_dist()
+common._register_packed_sdpa()
+torch.manual_seed(0)
+config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=128, attn_implementation="packed_sdpa")
+model = common.shard_model(Qwen2ForCausalLM(config), device)  # 4 FSDP units: 3 layers and the root
+calls, reduce_scatter = [], dist.reduce_scatter_single
+dist.reduce_scatter_single = lambda *a, **k: calls.append(1) or reduce_scatter(*a, **k)
+g = torch.Generator().manual_seed(rank)
+batches = [pack([(torch.randint(1, 128, (20 + 5 * i,), generator=g).tolist(), 4)]) for i in range(3)]
+sft.train_step(model, common.make_optimizer(model, 1e-3, 0.0), batches, 1e-3, SimpleNamespace(max_grad_norm=1.0),
+               device)
+print(f"rank {rank}: {len(calls)} reduce-scatters")
+"""
+
+
+def test_two_ranks_reduce_gradients_once_per_step(tmp_path):
+    """With 2 ranks and 3 micro-batches, each FSDP unit reduce-scatters its gradients once per step (after the last
+    micro-batch), not once per micro-batch (12 calls). test_two_ranks_give_the_one_rank_losses checks the numbers."""
+    script = tmp_path / "reductions.py"
+    script.write_text(REDUCTIONS)
+    out = run_script(script, nproc=2).stdout
+    assert "rank 0: 4 reduce-scatters" in out and "rank 1: 4 reduce-scatters" in out, out
+
+
 def test_more_sequences_per_row_give_the_same_losses(tiny_model, sft_data, tmp_path):
     """run.sh paper packs 4 sequences per forward (fewer forwards: less host time per step on a GPU). The loss is
     normalised by the step's response-token count, so only the order of the sums may change."""
