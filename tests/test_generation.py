@@ -1,9 +1,9 @@
 """eval.py's engine "slots" against engine "generate" (model.generate with eval.py's Sampler, the trusted path): the
 same sample must get the same tokens, num_tokens and finish reason, whatever the number of slots and the order in
-which slots are refilled, and whichever of its two decoding steps (prefiltered, full sort) ran; on a tiny random model,
-on a wide-vocabulary one whose nucleus always needs the full sort, on one with tied probabilities whose steps switch
-between the two variants, and on a real trained model (SmolLM2-135M). Then eval.py end to end with --engine slots: the same results.jsonl as
---engine generate, a rerun that regenerates only what was lost, and two ranks that match one process. (The engines'
+which slots are refilled, and whichever of its two decoding steps (prefiltered, full sort) ran; on a tiny random
+model, on a wide-vocabulary one whose nucleus always needs the full sort, on one with tied probabilities whose steps
+switch between the two variants, and on a real trained model (SmolLM2-135M). Then eval.py end to end with
+--engine slots: the same results.jsonl as --engine generate, a rerun that regenerates only what was lost, and two ranks that match one process. (The engines'
 logits agree to rounding, not bit for bit; no draw in these cases lies that close to a boundary of its CDF.)"""
 import json
 import math
@@ -60,7 +60,8 @@ def random_model(vocab, hidden=32, seed=0, tied_pairs=False, logit_scale=None):
 
 def tied_logits(rows=64, vocab=3000, seed=0):
     """Logits on a grid of 0.1, each value twice (tokens j and j + vocab/2), their spread growing from row to row
-    (sd 0.8 to 2.4): most rows' nucleus fits in the top 1,024 tokens and holds hundreds of tied pairs; some are short."""
+    (sd 0.8 to 2.4): most rows' nucleus fits in the top 1,024 tokens and holds hundreds of tied pairs; some are
+    short."""
     g = torch.Generator().manual_seed(seed)
     half = (torch.randn(rows, vocab // 2, generator=g) * torch.linspace(0.8, 2.4, rows)[:, None] * 10).round() / 10
     return torch.cat([half, half], dim=1)  # (rows, vocab)
@@ -143,8 +144,8 @@ def test_slots_on_a_wide_vocabulary_take_the_full_sort():
 @pytest.mark.parametrize("slots", [1, 3])
 def test_slots_switch_between_their_two_steps_token_for_token(slots):
     """A random model over 3,000 tokens whose logits come in exact pairs (tokens j and j + 1,500), peaked so that
-    some rows are short (21 of the 120 steps with one slot, in runs of up to ~10): the engine runs the full-sort step after each step with a short row and the
-    prefiltered one otherwise, and every sample gets engine generate's tokens. Both variants meet the tied pairs
+    some rows are short (21 of the 120 steps with one slot, in runs of up to ~10): the engine runs the full-sort step
+    after each step with a short row and the prefiltered one otherwise, and every sample gets engine generate's tokens. Both variants meet the tied pairs
     (topk and sort order them differently), so a full-sort step that drew a row whose nucleus fits from the full sort
     instead of from its top 1,024 would get other tokens."""
     model = random_model(3000, tied_pairs=True, logit_scale=9.0)
