@@ -457,7 +457,7 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g = parser.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (the first step compiles, and again for each new count of "
-                        "sequences in a row). Off: not yet measured faster on a GPU (README, Training speed)")
+                        "sequences in a row). Off: not yet measured faster on a GPU (README, Speed and memory)")
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
