@@ -16,8 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import (JSON_TYPES, TOKENIZER_FILES, bad_fields, check_model_path, decode_line, die, print0,
-                    read_json_lines)
+from common import JSON_TYPES, TOKENIZER_FILES, bad_fields, check_model_path, decode_line, die, read_json_lines
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # PAPER.md §1
 LABELS = {  # PAPER.md §1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
