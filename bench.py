@@ -118,6 +118,9 @@ parser.add_argument("--gen-spread-max", type=int, default=None,
                     help="the spread case's longest (default 16 x --gen-tokens)")
 parser.add_argument("--gen-step-windows", default="512,2048,8192,32768",
                     help="GPU: also time engine slots' captured decoding step at these attention windows ('' to skip)")
+parser.add_argument("--gen-slot-attention", default="window",
+                    help="engine slots' decoding attention(s), comma-separated: window, flex (eval.py --slot-attention); "
+                         "each is measured on the same samples, flex reported as engine slots:flex")
 parser.add_argument("--gen-spread-generate", choices=["auto", "on", "off"], default="auto",
                     help="run the spread case on engine generate too (auto: on a CPU only; on a GPU at the 1.5B size "
                          "its static batches at ~90 ms per step would take most of an hour)")
@@ -355,6 +358,11 @@ def matmul_worker(device):
     return {"n": n, "dtype": str(dtype), "flops_per_s": 2 * n**3 / best}
 
 
+def slot_name(attention):
+    """How results name engine slots with one decoding attention: "slots" (window, eval.py's default), "slots:flex"."""
+    return "slots" if attention == "window" else f"slots:{attention}"
+
+
 def generate_worker(setup, device, trained=False):
     """eval.py's two generation engines (load_for_generation, then generate_batch or SlotEngine; PAPER.md §4's sampling,
     each sample's own seed) on the same samples, forced to the same lengths: no stop token ends a sample (a random
@@ -380,14 +388,16 @@ def generate_worker(setup, device, trained=False):
                        for k, n in enumerate(setup["gen_spread_lengths"])]
     longest = max(j["max_new_tokens"] for jobs in cases.values() for j in jobs)
     sampling = SimpleNamespace(max_new_tokens=longest, temperature=0.6, top_p=0.95)
-    engines = {}  # slots -> SlotEngine, built and warmed up (graphs captured) before any clock starts
+    engines = {}  # (slots, attention) -> SlotEngine, built and warmed up (graphs captured) before any clock starts
 
-    def slot_engine(slots):
-        if slots not in engines:
-            engines[slots] = SlotEngine(model, slots, max(map(len, prompts)) + longest - 1, longest, 0.6, 0.95, [],
-                                        pad_id, cuda_graphs=device.type == "cuda")
-            list(engines[slots].generate([{"prompt_ids": prompts[0], "seed": 0, "max_new_tokens": 4}] * 2))
-        return engines[slots]
+    def slot_engine(slots, attention):
+        if (slots, attention) not in engines:
+            engine = SlotEngine(model, slots, max(map(len, prompts)) + longest - 1, longest, 0.6, 0.95, [], pad_id,
+                                cuda_graphs=device.type == "cuda", attention=attention)
+            list(engine.generate([{"prompt_ids": prompts[0], "seed": 0, "max_new_tokens": 4}] * 2))
+            assert engine.attention == attention, f"engine slots fell back from {attention} (see its warning)"
+            engines[slots, attention] = engine
+        return engines[slots, attention]
 
     generate_batch(model, cases["batched"][:2], SimpleNamespace(**{**vars(sampling), "max_new_tokens": 4}), pad_id,
                    [], device)  # warm-up
@@ -396,10 +406,11 @@ def generate_worker(setup, device, trained=False):
         if not jobs:
             continue
         batch = 1 if case == "single" else width
-        for engine in ("generate", "slots") if k % 2 == 0 else ("slots", "generate"):  # neither always goes first
+        names = ["generate"] + [slot_name(a) for a in setup["gen_slot_attention"]]
+        for engine in names if k % 2 == 0 else names[::-1]:  # none always goes first
             if engine == "generate" and case == "spread" and not setup["gen_spread_generate"]:
                 continue
-            slots = slot_engine(batch) if engine == "slots" else None
+            slots = slot_engine(batch, engine.partition(":")[2] or "window") if engine != "generate" else None
             steps, busy, full_steps, full_s, sort_steps, redraws = (
                 (slots.steps, slots.busy, slots.full_steps, slots.full_seconds, slots.sort_steps, slots.redraws)
                 if slots else (0, 0, 0, 0.0, 0, 0))
@@ -425,31 +436,36 @@ def generate_worker(setup, device, trained=False):
                 r["sort_steps"] = (slots.sort_steps - sort_steps) / (slots.steps - steps)
                 r["redraws"] = slots.redraws - redraws
             out.setdefault(engine, {})[case] = r
-            samples.setdefault(case, []).append([t for t, _, _ in results])
+            samples.setdefault(case, {})[engine] = [t for t, _, _ in results]
     if device.type == "cuda" and not trained and setup["gen_step_windows"]:
-        # The captured step's time against its attention window, for projecting long responses: every slot reads
-        # the window's columns whatever its own length, so the longest live sample sets the cost. Timed with the
-        # slots idle, which is the same fixed-shape work; each variant of the step.
-        longest_window = max(setup["gen_step_windows"])
-        engine = SlotEngine(model, width, longest_window, 1, 0.6, 0.95, [], pad_id)
-        list(engine.generate([{"prompt_ids": prompts[0], "seed": 0}]))  # captures every window's graph
-        out["step_ms"], out["sort_step_ms"] = {}, {}
-        for w in setup["gen_step_windows"]:
-            for key, graphs in (("step_ms", engine.graphs), ("sort_step_ms", engine.sort_graphs)):  # both variants
-                graph = graphs[engine.windows[np.searchsorted(engine.windows, w)]]
-                graph.replay()
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(20):
+        # The captured step's time against the columns it reads, for projecting long responses. Attention window:
+        # every slot reads the window's columns whatever its own length (the longest live sample sets the cost);
+        # timed with the slots idle, the same fixed-shape work. Flex: each slot reads its own length; timed with
+        # every slot at length w. Each variant of the step.
+        engines.clear()
+        for attention in setup["gen_slot_attention"]:
+            engine = SlotEngine(model, width, max(setup["gen_step_windows"]), 1, 0.6, 0.95, [], pad_id,
+                                attention=attention)
+            list(engine.generate([{"prompt_ids": prompts[0], "seed": 0}]))  # captures every window's graph
+            times = out.setdefault(slot_name(attention), {})
+            times["step_ms"], times["sort_step_ms"] = {}, {}
+            for w in setup["gen_step_windows"]:
+                engine.pos.fill_(w - 1)  # idle slots stay where they are; only flex's cost depends on it
+                for key, graphs in (("step_ms", engine.graphs), ("sort_step_ms", engine.sort_graphs)):
+                    graph = graphs[engine.windows[np.searchsorted(engine.windows, w)]]
                     graph.replay()
-                sync(device)
-                out[key][w] = (time.perf_counter() - t0) / 20 * 1000
-        del engine
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        graph.replay()
+                    sync(device)
+                    times[key][w] = (time.perf_counter() - t0) / 20 * 1000
+            del engine
     # How often the two engines gave a sample the same tokens. Same uniforms, same sampler, but logits equal only to
     # rounding (different attention kernels; bf16 on GPUs): a draw within rounding of a CDF boundary flips, and the
     # sample goes its own way. Rare for a trained model; common for the random one, whose CDF steps are ~1/150,000.
-    out["same_samples"] = {case: sum(a == b for a, b in zip(*pair)) / len(pair[0])
-                           for case, pair in samples.items() if len(pair) == 2}
+    out["same_samples"] = {f"{engine}:{case}": sum(a == b for a, b in zip(by[engine], by["generate"])) / len(by[engine])
+                           for case, by in samples.items() if "generate" in by for engine in by if engine != "generate"}
     return out
 
 
@@ -717,40 +733,46 @@ def summarize(results, setup):
             values = [r[engine][case][key] for r in gen if case in r.get(engine, {})]
             return median(values) if values else None
 
+        engines = [slot_name(a) for a in setup["gen_slot_attention"]]
         for case in ("single", "batched", "spread"):
-            old, new = rate("generate", case), rate("slots", case)
+            old = rate("generate", case)
             if old is not None:
                 rows.append({"case": f"generate ({model}): {labels[case]}, engine generate", "metric": "tokens/s",
                              "project": old, "trl": None, "ratio": None, "target": "", "met": None, "errors": []})
-            if new is None:
-                continue
-            same = median([r["same_samples"][case] for r in gen if case in r["same_samples"]])
-            sort_share, redraws = rate("slots", case, "sort_steps"), rate("slots", case, "redraws")
-            notes = ([] if same is None else [f"{same:.0%} of samples the same tokens"]) + (
-                [] if sort_share is None else [f"full-sort step {sort_share:.0%} of steps, {redraws:g} host redraws"])
-            note = f" ({'; '.join(notes)})" if notes else ""
-            if case == "spread":
-                ratio, target = new / rate("slots", "batched"), ("of its equal-length rate", 0.8)
-            else:
-                ratio, target = (new / old if old else None), ("x engine generate", {"single": 5, "batched": 10}[case]
-                                                               if gpu else 1)
-            rows.append({"case": f"generate ({model}): {labels[case]}, engine slots{note}", "metric": "tokens/s",
-                         "project": new, "trl": None, "ratio": ratio, "target": f">= {target[1]:g} {target[0]}",
-                         "met": None if ratio is None else ratio >= target[1], "errors": []})
-            if case == "spread":
-                busy, full = rate("slots", case, "busy"), rate("slots", case, "full_tokens_per_s")
-                rows.append({"case": f"generate ({model}): {labels[case]}, engine slots while every slot is busy "
-                                     f"(busy {busy:.0%} of the whole run's slot-steps)", "metric": "tokens/s",
-                             "project": full, "trl": None, "ratio": full / rate("slots", "batched") if full else None,
-                             "target": "", "met": None, "errors": []})
-        for w in setup["gen_step_windows"]:
-            for key, variant in (("step_ms", "prefiltered"), ("sort_step_ms", "full sort")):
-                ms = [r.get(key, {}).get(str(w)) for r in gen]  # JSON made the windows strings
-                if any(m is not None for m in ms):
-                    rows.append({"case": f"generate ({model}): engine slots, one captured decoding step ({variant}) "
-                                         f"of {setup['gen_prompts_n']} slots, attention window {w:,}", "metric": "ms",
-                                 "project": median(ms), "trl": None, "ratio": None, "target": "", "met": None,
-                                 "errors": []})
+            for slots in engines:
+                new = rate(slots, case)
+                if new is None:
+                    continue
+                same = median([r["same_samples"][f"{slots}:{case}"] for r in gen
+                               if f"{slots}:{case}" in r["same_samples"]])
+                sort_share, redraws = rate(slots, case, "sort_steps"), rate(slots, case, "redraws")
+                notes = ([] if same is None else [f"{same:.0%} of samples the same tokens"]) + (
+                    [] if sort_share is None else [f"full-sort step {sort_share:.0%} of steps, {redraws:g} host redraws"])
+                note = f" ({'; '.join(notes)})" if notes else ""
+                if case == "spread":
+                    ratio, target = new / rate(slots, "batched"), ("of its equal-length rate", 0.8)
+                else:
+                    ratio, target = (new / old if old else None), ("x engine generate",
+                                                                   {"single": 5, "batched": 10}[case] if gpu else 1)
+                rows.append({"case": f"generate ({model}): {labels[case]}, engine {slots}{note}", "metric": "tokens/s",
+                             "project": new, "trl": None, "ratio": ratio, "target": f">= {target[1]:g} {target[0]}",
+                             "met": None if ratio is None else ratio >= target[1], "errors": []})
+                if case == "spread":
+                    busy, full = rate(slots, case, "busy"), rate(slots, case, "full_tokens_per_s")
+                    rows.append({"case": f"generate ({model}): {labels[case]}, engine {slots} while every slot is busy "
+                                         f"(busy {busy:.0%} of the whole run's slot-steps)", "metric": "tokens/s",
+                                 "project": full, "trl": None, "ratio": full / rate(slots, "batched") if full else None,
+                                 "target": "", "met": None, "errors": []})
+        for slots in engines:
+            reads = "attention window {:,}" if slots == "slots" else "every slot at length {:,}"
+            for w in setup["gen_step_windows"]:
+                for key, variant in (("step_ms", "prefiltered"), ("sort_step_ms", "full sort")):
+                    ms = [r.get(slots, {}).get(key, {}).get(str(w)) for r in gen]  # JSON made the windows strings
+                    if any(m is not None for m in ms):
+                        rows.append({"case": f"generate ({model}): engine {slots}, one captured decoding step "
+                                             f"({variant}) of {setup['gen_prompts_n']} slots, {reads.format(w)}",
+                                     "metric": "ms", "project": median([m for m in ms if m is not None]), "trl": None,
+                                     "ratio": None, "target": "", "met": None, "errors": []})
     grade = ok("grade")
     if grade:
         rate = median([r["grades_per_s"] for r in grade])
@@ -843,6 +865,9 @@ def main():
                                                   .astype(int)).tolist() if n_spread else []
     setup["gen_spread_generate"] = args.gen_spread_generate == "on" or (args.gen_spread_generate == "auto" and not cuda)
     setup["gen_step_windows"] = [int(w) for w in args.gen_step_windows.split(",") if w]
+    setup["gen_slot_attention"] = args.gen_slot_attention.split(",")
+    if not set(setup["gen_slot_attention"]) <= {"window", "flex"}:
+        parser.error(f"--gen-slot-attention {args.gen_slot_attention!r}: expected window, flex or window,flex")
     trained = None if args.no_eval or not grading else smollm2_folder(work / "smollm2")
     if trained:  # MATH-500 in eval.py's prompt: the middle of its lengths, as eval.py batches similar lengths
         from eval import build_prompt
@@ -891,8 +916,9 @@ def main():
                 brief = f"{r['flops_per_s'] / 1e9:,.0f} GFLOP/s"
             elif name.startswith("generate"):
                 brief = "; ".join(f"{engine} " + ", ".join(f"{case} {v['tokens_per_s']:,.0f}"
-                                                           for case, v in r[engine].items())
-                                  for engine in ("generate", "slots")) + " tokens/s"
+                                                           for case, v in r[engine].items() if "tokens_per_s" in v)
+                                  for engine in ["generate"] + [slot_name(a) for a in setup["gen_slot_attention"]]
+                                  if engine in r) + " tokens/s"
             elif name == "grade":
                 brief = f"{r['grades_per_s']:,.0f} answers/s"
             else:

@@ -104,6 +104,11 @@ parser.add_argument("--engine", choices=["auto", "slots", "generate"], default="
 parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="engine slots on a GPU: launch every decoding step from Python instead (to measure the "
                          "graphs)")
+parser.add_argument("--slot-attention", choices=["window", "flex"], default="window",
+                    help="engine slots' decoding attention. window (default): every slot reads the columns of the "
+                         "longest live sample, rounded up to a window (one CUDA graph per window); flex: each slot "
+                         "reads its own length, in blocks of 128 columns (FlexAttention, compiled on a GPU at the "
+                         "first step; one graph). flex is not yet measured on a GPU (README, Generation speed)")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
 # grading and output
 parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
@@ -323,14 +328,37 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     """Prefill (several query positions): the prompt attends to itself, causally, through HF's sdpa function.
     Decoding (one query per row): query (B, H, 1, D) against the slots' cache (B, KV heads, window, D). The G = H / KV
     query heads that share a KV head attend as G query rows of that head, so the cache is read once per KV head
-    (transformers 5.17's sdpa copies it G times with repeat_kv whenever there is a mask)."""
+    (transformers 5.17's sdpa copies it G times with repeat_kv whenever there is a mask). With a BlockMask (engine
+    slots' attention "flex") the step goes to FlexAttention, which reads each row's own blocks of columns only."""
     if query.shape[2] > 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
+    if not isinstance(attention_mask, torch.Tensor):  # a BlockMask
+        out = flex_decode(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling,
+                            enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2), None
     B, H, _, D = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(B, key.shape[1], H // key.shape[1], D), key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(B, 1, H, D), None  # (B, T=1, H, D), as HF's attention functions return
+
+
+_flex_decoders = {}  # device type -> FlexAttention as the decoding step calls it
+
+
+def flex_decode(device_type):
+    """FlexAttention for the decoding step: compiled on a GPU (Triton's decoding kernel, which skips the blocks of
+    columns a row's BlockMask leaves out), eager on a CPU (a reference that computes every column and masks: the tests
+    check its results, not its speed). One compiled function serves every step: the shapes never change."""
+    if device_type not in _flex_decoders:
+        import warnings
+        from torch.nn.attention.flex_attention import flex_attention
+        if device_type == "cuda":
+            _flex_decoders[device_type] = torch.compile(flex_attention, dynamic=False)
+        else:
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            _flex_decoders[device_type] = flex_attention
+    return _flex_decoders[device_type]
 
 
 class SlotCache:
@@ -367,6 +395,9 @@ def slots_supported(model):
     return "sliding_attention" not in (getattr(model.config, "layer_types", None) or [])
 
 
+FLEX_BLOCK = 128  # columns per block of engine slots' FlexAttention mask (its kernels' block size)
+
+
 def attention_windows(capacity, step=256):
     """The attention spans a decoding step may use, one CUDA graph each: multiples of 256 up to 2,048, then four per
     doubling, so a step reads at most ~25% more cache columns than its longest live sequence needs. capacity is a
@@ -399,12 +430,16 @@ class SlotEngine:
       7.8-8.1 with the redraw).
     The host runs the full-sort variant after a step that had a short row, else the prefiltered one; both draw
     sample_top_p's token for every row, so the tokens never depend on which one ran. steps, sort_steps and redraws
-    count the steps, those of the full-sort variant, and the host's redraws."""
+    count the steps, those of the full-sort variant, and the host's redraws.
+
+    attention: what a decoding step's attention reads. "window": the first `window` columns of every row, the longest
+    live sequence rounded up to one of attention_windows (a graph per window and variant), masked per row. "flex":
+    each row its own blocks of FLEX_BLOCK columns up to its position (FlexAttention; a graph per variant)."""
 
     prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
 
     def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
-                 cuda_graphs=True):
+                 cuda_graphs=True, attention="window"):
         config = model.config
         assert slots_supported(model), "engine slots needs a model whose every layer attends to the full context"
         p = next(model.parameters())
@@ -418,7 +453,9 @@ class SlotEngine:
         # HF >= 5.24 names the cache argument `cache`, earlier versions `past_key_values`
         import inspect
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.windows = attention_windows(self.capacity)
+        assert attention in ("window", "flex")
+        self.attention = attention  # flex: one window, the whole cache, of which each row reads its own blocks
+        self.windows = attention_windows(self.capacity) if attention == "window" else [self.capacity]
         self.graphs = {}  # window -> torch.cuda.CUDAGraph of the prefiltered step, captured at the first run
         self.sort_graphs = {}  # window -> the full-sort step's graph, captured with them
         # The step's state, in buffers whose addresses never change (the graphs read and write them in place).
@@ -441,16 +478,28 @@ class SlotEngine:
         self.steps = self.busy = 0  # decoding steps run, and slot-steps that carried a sample (utilisation)
         self.sort_steps = self.redraws = 0  # steps run as the full-sort variant, and host redraws after the other
         self.full_steps, self.full_seconds = 0, 0.0  # steps with every slot busy, and their time (refills included)
+        if attention == "flex":  # row b reads blocks 0 .. pos[b] // FLEX_BLOCK, and in them the columns <= pos[b]
+            from torch.nn.attention.flex_attention import BlockMask
+            blocks, pos = self.capacity // FLEX_BLOCK, self.pos
+            self.row_blocks = torch.ones(slots, 1, 1, dtype=torch.int32, **dev)  # set by each step, from pos
+            self.block_mask = BlockMask.from_kv_blocks(
+                self.row_blocks, torch.arange(blocks, dtype=torch.int32, **dev).expand(slots, 1, 1, blocks).contiguous(),
+                BLOCK_SIZE=FLEX_BLOCK, mask_mod=lambda b, h, q, kv: kv <= pos[b], seq_lengths=(1, self.capacity))
 
     def _step(self, window, full_sort):
         """One decoding step for all slots; no host sync, so a CUDA graph can hold it. Idle slots compute garbage
         at column 0 and advance nothing. full_sort: the variant that draws short rows right (see the class)."""
         self.cache.window = window
-        visible = self.columns[:window] <= self.pos[:, None]  # (slots, window): the row's tokens, the new one too
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        if self.attention == "flex":
+            self.row_blocks.copy_(self.pos.view(-1, 1, 1) // FLEX_BLOCK + 1)
+            mask = self.block_mask
+        else:
+            visible = self.columns[:window] <= self.pos[:, None]  # (slots, window): the row's tokens, the new one too
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+            mask = mask[:, None, None, :]
         logits = self.model(input_ids=self.tokens[:, None], position_ids=self.pos[:, None],
-                            attention_mask=mask[:, None, None, :], use_cache=True, logits_to_keep=1,
+                            attention_mask=mask, use_cache=True, logits_to_keep=1,
                             **{self.cache_kw: self.cache}).logits[:, -1]  # (slots, V)
         self.probs.copy_(torch.softmax(logits.float() / self.temperature, dim=-1))  # as sample_top_p computes it
         self.u.copy_(self.uniforms.gather(1, self.t[:, None]).squeeze(1))
@@ -550,13 +599,19 @@ class SlotEngine:
         last = time.perf_counter()
         try:
             with torch.no_grad():
-                if self.cuda_graphs and not self.graphs:
+                while self.cuda_graphs and not self.graphs:
                     try:
                         self._capture()
                     except RuntimeError as e:  # an operation the graph cannot hold, in this torch/transformers
-                        print(f"warning: engine slots could not capture its decoding step as a CUDA graph "
-                              f"({str(e).splitlines()[0]}); decoding eagerly, much slower", flush=True)
-                        self.cuda_graphs, self.graphs, self.sort_graphs = False, {}, {}
+                        self.graphs, self.sort_graphs, why = {}, {}, str(e).splitlines()[0] if str(e) else repr(e)
+                        if self.attention == "flex":  # FlexAttention would not compile or capture: windows instead
+                            print(f"warning: engine slots could not compile or capture its FlexAttention step ({why}); "
+                                  "using --slot-attention window", flush=True)
+                            self.attention, self.windows = "window", attention_windows(self.capacity)
+                        else:
+                            print(f"warning: engine slots could not capture its decoding step as a CUDA graph ({why}); "
+                                  "decoding eagerly, much slower", flush=True)
+                            self.cuda_graphs = False
                 full_sort = False  # the next step's variant: the full sort after a step that had a short row
                 while queue or any(j is not None for j in job_in):
                     free = [s for s in range(self.slots) if job_in[s] is None]
@@ -1078,7 +1133,7 @@ def generate_groups(model, jobs, args, pad_id, stop_ids):
         return
     engine = SlotEngine(model, min(args.batch_size, len(jobs)), max(len(j["prompt_ids"]) for j in jobs)
                         + args.max_new_tokens - 1, args.max_new_tokens, args.temperature, args.top_p, stop_ids, pad_id,
-                        cuda_graphs=args.cuda_graphs)
+                        cuda_graphs=args.cuda_graphs, attention=args.slot_attention)
     group, t0, steps, busy = [], time.perf_counter(), 0, 0
 
     def finish_group():

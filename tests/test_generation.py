@@ -22,11 +22,11 @@ def settings(max_new_tokens):
     return type("Args", (), {"max_new_tokens": max_new_tokens, "temperature": 0.6, "top_p": 0.95})
 
 
-def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384):
+def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384, attention="window"):
     """The engine's results, put back in job order (it yields them in the order samples stop). The engine's
     `variants` lists, per step, (whether it ran the full-sort variant, whether a row was short)."""
     capacity = max(len(j["prompt_ids"]) for j in jobs) + max_new_tokens - 1
-    engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id)
+    engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id, attention=attention)
     engine.prefill_tokens = prefill_tokens
     engine.variants, step = [], engine._step
 
@@ -100,11 +100,13 @@ def test_attention_windows_cover_every_length_with_little_waste():
     assert ev.attention_windows(256) == [256]
 
 
-@pytest.mark.parametrize("slots,prefill_tokens", [(1, 16384), (2, 16384), (5, 16384), (5, 40)])
-def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens):
+@pytest.mark.parametrize("slots,prefill_tokens,attention", [(1, 16384, "window"), (2, 16384, "window"),
+                                                            (5, 16384, "window"), (5, 40, "window"), (2, 40, "flex")])
+def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens, attention):
     """Five prompts of 1 to ~60 tokens, one with its own budget of 5 tokens; two of the samples stop early on a
     stop token (chosen from what they generate), so slots free up at different steps and are refilled. With a
-    prefill budget of 40 tokens, the five prompts are prefilled in several forwards, the longest alone."""
+    prefill budget of 40 tokens, the five prompts are prefilled in several forwards, the longest alone. Both
+    attentions of the decoding step (flex: the model's 4 query heads share 2 KV heads)."""
     tok = demo_tokenizer()
     model = demo_model(tok).eval()
     texts = ["What is 1+1?", "A much longer question about 2+2, with a few more words in it?", "3+3?", "x", "7*8=?"]
@@ -117,7 +119,7 @@ def test_slots_reproduce_generate_token_for_token(slots, prefill_tokens):
     expected = ev.generate_batch(model, jobs, settings(16), tok.pad_token_id, stop_ids, CPU)
     assert expected[0][1:] == (7, "stop") or expected[0][1] < 7
     assert expected[4][1:] == (5, "length") and any(f == "length" and n == 16 for _, n, f in expected)
-    got, engine = run_slots(model, jobs, slots, 16, stop_ids, tok.pad_token_id, prefill_tokens)
+    got, engine = run_slots(model, jobs, slots, 16, stop_ids, tok.pad_token_id, prefill_tokens, attention)
     assert got == expected
     assert engine.busy == sum(n for _, n, _ in expected)  # every slot-step carried a sample's token
     assert engine.sort_steps == engine.redraws == 0  # ~500 tokens: the top 1,024 are all of them, never short
@@ -160,9 +162,52 @@ def test_slots_switch_between_their_two_steps_token_for_token(slots):
     assert engine.sort_steps == sum(variant) and engine.redraws == sum(not v and s for v, s in engine.variants)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
+    """--slot-attention flex: each slot reads the blocks of 128 columns up to its own position, and in the last of
+    them the columns up to it; one window (the whole cache) for all steps. Six prompts of 1 to 200 tokens and 150 new
+    tokens through 3 slots: positions cross the blocks at 128 and 256 at different steps in different slots, and
+    slots are refilled while others are deep in. Against engine generate (64 tokens: CDF steps of ~1/64, far above
+    rounding); eager FlexAttention (the CPU default) and compiled (what a GPU runs: the mask's tensors are updated in
+    place between calls, which the compiled function must see). The eager reference computes every column and
+    applies mask_mod, so only the compiled run checks the counts of blocks read: each set one too low failed it)."""
+    if compiled:
+        from torch.nn.attention.flex_attention import flex_attention
+        monkeypatch.setitem(ev._flex_decoders, "cpu", torch.compile(flex_attention, dynamic=False))
+    model = random_model(64)
+    g = torch.Generator().manual_seed(0)
+    jobs = [{"prompt_ids": torch.randint(0, 64, (n,), generator=g).tolist(), "seed": n} for n in (5, 200, 1, 120, 17, 60)]
+    jobs[2]["max_new_tokens"] = 40
+    expected = ev.generate_batch(model, jobs, settings(150), 0, [], CPU)
+    got, engine = run_slots(model, jobs, 3, 150, [], 0, attention="flex")
+    assert got == expected
+    assert engine.windows == [engine.capacity] == [512] and engine.attention == "flex"
+    assert sorted(len(j["prompt_ids"]) + j.get("max_new_tokens", 150) - 1 for j in jobs)[-3:] == [209, 269, 349]
+
+
+def test_flex_attention_falls_back_to_windows_when_it_cannot_be_captured(monkeypatch, capsys):
+    """Where FlexAttention's step cannot be compiled or captured (a torch without Triton, say), engine slots warns
+    and uses attention windows; where even those cannot be captured, it decodes eagerly. Simulated on a CPU: every
+    capture raises."""
+    def fail(self):
+        raise RuntimeError(f"no capture with attention {self.attention}")
+    monkeypatch.setattr(ev.SlotEngine, "_capture", fail)
+    model = random_model(64)
+    jobs = [{"prompt_ids": [3, 1, 4, 1, 5], "seed": 9}, {"prompt_ids": [2, 7], "seed": 1}]
+    engine = ev.SlotEngine(model, 2, 5 + 20 - 1, 20, 0.6, 0.95, [], 0, attention="flex")
+    engine.cuda_graphs = True  # as on a GPU
+    got = {id(j): r for j, r in engine.generate(jobs)}
+    assert [got[id(j)] for j in jobs] == ev.generate_batch(model, jobs, settings(20), 0, [], CPU)
+    out = capsys.readouterr().out
+    assert "(no capture with attention flex); using --slot-attention window" in out
+    assert "(no capture with attention window); decoding eagerly" in out
+    assert engine.attention == "window" and not engine.cuda_graphs and engine.windows == [256]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA graphs are captured there only")
-@pytest.mark.parametrize("vocab,logit_scale", [(64, None), (3000, None), (3000, 9.0)])
-def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale):
+@pytest.mark.parametrize("vocab,logit_scale,attention", [(64, None, "window"), (3000, None, "window"),
+                                                          (3000, 9.0, "window"), (64, None, "flex")])
+def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale, attention):
     """On a GPU: the captured steps (two graphs per window, one per variant; 300 new tokens cross from the 256 window
     to the 512 one) give exactly what the same steps launched one by one give (the same kernels on the same inputs),
     and, over 300 tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are
@@ -176,10 +221,11 @@ def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale):
     expected = ev.generate_batch(model, jobs, settings(300), 0, [], cuda)
     results, counts = {}, {}
     for graphs in (True, False):
-        engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs)
+        engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs, attention=attention)
         by_job = {id(job): result for job, result in engine.generate(jobs)}
         results[graphs], counts[graphs] = [by_job[id(j)] for j in jobs], (engine.sort_steps, engine.redraws)
-        assert bool(engine.graphs) == bool(engine.sort_graphs) == graphs and len(engine.windows) == 2
+        assert bool(engine.graphs) == bool(engine.sort_graphs) == graphs
+        assert engine.attention == attention and len(engine.windows) == {"window": 2, "flex": 1}[attention]
     assert results[True] == results[False] and counts[True] == counts[False]
     sort_steps, redraws = counts[True]
     if vocab == 64:
