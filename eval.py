@@ -109,6 +109,9 @@ parser.add_argument("--slot-attention", choices=["window", "flex"], default="win
                          "longest live sample, rounded up to a window (one CUDA graph per window); flex: each slot "
                          "reads its own length, in blocks of 128 columns (FlexAttention, compiled on a GPU at the "
                          "first step; one graph). flex is not yet measured on a GPU (README, Generation speed)")
+parser.add_argument("--compile-step", action="store_true",
+                    help="with --slot-attention flex: torch.compile engine slots' whole decoding step before it is "
+                         "captured (fused kernels; compiles at the first step). Not yet measured on a GPU")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
 # grading and output
 parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
@@ -434,12 +437,14 @@ class SlotEngine:
 
     attention: what a decoding step's attention reads. "window": the first `window` columns of every row, the longest
     live sequence rounded up to one of attention_windows (a graph per window and variant), masked per row. "flex":
-    each row its own blocks of FLEX_BLOCK columns up to its position (FlexAttention; a graph per variant)."""
+    each row its own blocks of FLEX_BLOCK columns up to its position (FlexAttention; a graph per variant).
+    compile_step (with flex): the whole step through torch.compile before capture, so that its elementwise work runs
+    in fused kernels: a replayed graph still launches every kernel it holds, ~29 per decoder layer uncompiled."""
 
     prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
 
     def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
-                 cuda_graphs=True, attention="window"):
+                 cuda_graphs=True, attention="window", compile_step=False):
         config = model.config
         assert slots_supported(model), "engine slots needs a model whose every layer attends to the full context"
         p = next(model.parameters())
@@ -456,6 +461,9 @@ class SlotEngine:
         assert attention in ("window", "flex")
         self.attention = attention  # flex: one window, the whole cache, of which each row reads its own blocks
         self.windows = attention_windows(self.capacity) if attention == "window" else [self.capacity]
+        if compile_step:  # fuses the step's ~29 operators per layer; with windows, each window would compile anew
+            assert attention == "flex", "compile_step needs attention flex: one window, so one compile per variant"
+            self._step = torch.compile(self._step, dynamic=False)
         self.graphs = {}  # window -> torch.cuda.CUDAGraph of the prefiltered step, captured at the first run
         self.sort_graphs = {}  # window -> the full-sort step's graph, captured with them
         # The step's state, in buffers whose addresses never change (the graphs read and write them in place).
@@ -478,12 +486,16 @@ class SlotEngine:
         self.steps = self.busy = 0  # decoding steps run, and slot-steps that carried a sample (utilisation)
         self.sort_steps = self.redraws = 0  # steps run as the full-sort variant, and host redraws after the other
         self.full_steps, self.full_seconds = 0, 0.0  # steps with every slot busy, and their time (refills included)
-        if attention == "flex":  # row b reads blocks 0 .. pos[b] // FLEX_BLOCK, and in them the columns <= pos[b]
+        if attention == "flex":  # row b reads its columns 0 .. pos[b]: whole blocks, then the rest of a partial one
             from torch.nn.attention.flex_attention import BlockMask
             blocks, pos = self.capacity // FLEX_BLOCK, self.pos
-            self.row_blocks = torch.ones(slots, 1, 1, dtype=torch.int32, **dev)  # set by each step, from pos
+            shape = (slots, 1, 1)  # (rows, heads: the same for all, query blocks: one query)
+            self.full_blocks = torch.zeros(shape, dtype=torch.int32, **dev)  # set by each step, from pos
+            self.partial_blocks = torch.zeros(shape, dtype=torch.int32, **dev)  # 1 where a block is partly visible
+            self.partial_index = torch.zeros(shape + (blocks,), dtype=torch.int32, **dev)  # [..., 0]: which block
             self.block_mask = BlockMask.from_kv_blocks(
-                self.row_blocks, torch.arange(blocks, dtype=torch.int32, **dev).expand(slots, 1, 1, blocks).contiguous(),
+                self.partial_blocks, self.partial_index, self.full_blocks,
+                torch.arange(blocks, dtype=torch.int32, **dev).expand(shape + (blocks,)).contiguous(),
                 BLOCK_SIZE=FLEX_BLOCK, mask_mod=lambda b, h, q, kv: kv <= pos[b], seq_lengths=(1, self.capacity))
 
     def _step(self, window, full_sort):
@@ -491,7 +503,10 @@ class SlotEngine:
         at column 0 and advance nothing. full_sort: the variant that draws short rows right (see the class)."""
         self.cache.window = window
         if self.attention == "flex":
-            self.row_blocks.copy_(self.pos.view(-1, 1, 1) // FLEX_BLOCK + 1)
+            visible = self.pos.view(-1, 1, 1) + 1  # columns 0 .. pos, the new token's included
+            self.full_blocks.copy_(visible // FLEX_BLOCK)
+            self.partial_blocks.copy_(visible % FLEX_BLOCK != 0)
+            self.partial_index[..., 0] = self.full_blocks  # the block after the full ones
             mask = self.block_mask
         else:
             visible = self.columns[:window] <= self.pos[:, None]  # (slots, window): the row's tokens, the new one too
@@ -608,6 +623,7 @@ class SlotEngine:
                             print(f"warning: engine slots could not compile or capture its FlexAttention step ({why}); "
                                   "using --slot-attention window", flush=True)
                             self.attention, self.windows = "window", attention_windows(self.capacity)
+                            self.__dict__.pop("_step", None)  # the compiled step, if any: the plain one from now on
                         else:
                             print(f"warning: engine slots could not capture its decoding step as a CUDA graph ({why}); "
                                   "decoding eagerly, much slower", flush=True)
@@ -1133,7 +1149,7 @@ def generate_groups(model, jobs, args, pad_id, stop_ids):
         return
     engine = SlotEngine(model, min(args.batch_size, len(jobs)), max(len(j["prompt_ids"]) for j in jobs)
                         + args.max_new_tokens - 1, args.max_new_tokens, args.temperature, args.top_p, stop_ids, pad_id,
-                        cuda_graphs=args.cuda_graphs, attention=args.slot_attention)
+                        cuda_graphs=args.cuda_graphs, attention=args.slot_attention, compile_step=args.compile_step)
     group, t0, steps, busy = [], time.perf_counter(), 0, 0
 
     def finish_group():
@@ -1164,6 +1180,8 @@ def check_out_folder(args):
 
 
 def run(args):
+    if args.compile_step and args.slot_attention != "flex":
+        die("--compile-step needs --slot-attention flex (with windows every window would compile anew)")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or min(args.samples, args.batch_size, args.max_new_tokens) < 1:
         die("--temperature must be > 0, --top-p in (0, 1], --samples, --batch-size and --max-new-tokens >= 1")
     rank, world, device = init_dist()
