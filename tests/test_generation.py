@@ -315,3 +315,8 @@ def test_a_token_budget_below_one_stops_with_one_sentence(tiny_model, toy, tmp_p
     proc = run_script("eval.py", "--model", tiny_model, "--data", toy, "--max-new-tokens", 0, "--out", tmp_path,
                       check=False)
     assert proc.returncode == 2 and "--max-new-tokens >= 1" in proc.stdout
+
+
+def test_a_compiled_step_without_flex_stops_with_one_sentence(tiny_model, toy, tmp_path):
+    proc = run_script("eval.py", "--model", tiny_model, "--data", toy, "--compile-step", "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "--compile-step needs --slot-attention flex" in proc.stdout
