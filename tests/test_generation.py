@@ -295,6 +295,8 @@ def test_engine_slots_end_to_end(tiny_model, toy, tmp_path):
     assert sorted(read_jsonl(tmp_path / "slots" / "results.jsonl"), key=key) == expected
     summary = json.loads((tmp_path / "slots" / "summary.json").read_text())
     assert summary == json.loads((tmp_path / "generate" / "summary.json").read_text())
+    run_script("eval.py", *cmd, "--engine", "slots", "--slot-attention", "flex", "--out", tmp_path / "flex")
+    assert sorted(read_jsonl(tmp_path / "flex" / "results.jsonl"), key=key) == expected
 
     # A crash: the last six samples lost, the line before them cut in half; the rerun regenerates those seven.
     text = (tmp_path / "slots" / "results.jsonl").read_text().splitlines(keepends=True)
