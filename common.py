@@ -241,47 +241,44 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size):
         acc = torch.promote_types(h.dtype, torch.float32)  # bf16 is upcast; fp32 (fp64 in tests) kept
-        logps = h.new_empty(h.shape[0], dtype=acc)  # (R,)
-        lse = h.new_empty(h.shape[0], dtype=acc)  # (R,): all that backward needs beyond the inputs
-        for i in range(0, h.shape[0], chunk_size):  # R is known on the host: no wait on the device
-            logits = F.linear(h[i:i + chunk_size], weight, bias).to(acc)  # (N, V): one chunk only
-            target_logit = logits.gather(1, targets[i:i + chunk_size, None]).squeeze(1)  # (N,)
-            # logsumexp in place (torch.logsumexp would allocate a second (N, V) buffer)
-            top = logits.amax(1, keepdim=True)  # (N, 1)
-            lse[i:i + chunk_size] = logits.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
-            logps[i:i + chunk_size] = target_logit - lse[i:i + chunk_size]
+        target_logits, lses = [], []
+        for h_c, t_c in zip(h.split(chunk_size), targets[:, None].split(chunk_size)):  # (n, H), (n, 1)
+            logits = F.linear(h_c, weight, bias).to(acc)  # (n, V): one chunk only
+            target_logits.append(logits.gather(1, t_c))  # (n, 1)
+            # logsumexp in place (torch.logsumexp would allocate a second (n, V) buffer)
+            top = logits.amax(1, keepdim=True)  # (n, 1)
+            lses.append(logits.sub_(top).exp_().sum(1, keepdim=True).log_().add_(top))  # (n, 1)
             del logits  # before the next chunk's F.linear allocates its own
+        lse = torch.cat(lses)  # (R, 1): all that backward needs beyond the inputs
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
-        return logps
+        return (torch.cat(target_logits) - lse).squeeze(1)  # (R,)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps):
         h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(h) if need_h else None
         # accumulated over chunks in the weight's own dtype (bf16 on a GPU), as autograd summed the old path's
         # per-chunk gradients; addmm_ rounds once per chunk
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_h = []
+        g = grad_logps[:, None]  # (R, 1): d loss / d logp
         c = ctx.chunk_size
-        rows = torch.arange(min(c, h.shape[0]), device=h.device)
-        for i in range(0, h.shape[0], c):
-            h_chunk, t = h[i:i + c], targets[i:i + c]
-            n = h_chunk.shape[0]
-            logits = F.linear(h_chunk, weight, bias).to(lse.dtype)  # (n, V): the forward's logits again
-            d = logits.sub_(lse[i:i + c, None]).exp_()  # softmax, in the same buffer
-            d[rows[:n], t] -= 1  # softmax - onehot(target) = -d logp / d logits
-            d = d.mul_(-grad_logps[i:i + c, None]).to(h.dtype)  # (n, V): d loss / d logits
+        for h_c, t_c, lse_c, g_c, minus_g_c in zip(h.split(c), targets[:, None].split(c), lse.split(c), g.split(c),
+                                                   (-g).split(c)):
+            logits = F.linear(h_c, weight, bias).to(lse.dtype)  # (n, V): the forward's logits again
+            # d logp / d logits = onehot(target) - softmax; times g, in the logits' own buffer
+            d = logits.sub_(lse_c).exp_().mul_(minus_g_c).scatter_add_(1, t_c, g_c).to(h.dtype)  # (n, V)
             if need_h:
-                torch.mm(d, weight, out=grad_h[i:i + c])  # (n, H)
+                grad_h.append(d @ weight)  # (n, H)
             if need_weight:
-                grad_weight.addmm_(d.t(), h_chunk)  # (V, H)
+                grad_weight.addmm_(d.t(), h_c)  # (V, H)
             if need_bias:
                 grad_bias += d.sum(0)  # (V,)
             del logits, d  # before the next chunk's F.linear allocates its own
-        return grad_h, grad_weight, grad_bias, None, None
+        return torch.cat(grad_h) if need_h else None, grad_weight, grad_bias, None, None
 
 
 class TokenLogprobs(nn.Module):
