@@ -252,7 +252,7 @@ class _HeadLogprobs(torch.autograd.Function):
         lse = torch.cat(lses)  # (R, 1): all that backward needs beyond the inputs
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
-        return (torch.cat(target_logits) - lse).squeeze(1)  # (R,)
+        return torch.cat(target_logits).squeeze(1) - lse.squeeze(1)  # (R,): a new tensor, not a view (FSDP warns)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
