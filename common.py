@@ -21,7 +21,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # processes
@@ -227,11 +226,59 @@ def _register_packed_sdpa():
     AttentionMaskInterface.register("packed_sdpa", lambda *args, **kwargs: None)
 
 
-def _chunk_logps(hidden, weight, bias, targets):
-    logits = F.linear(hidden, weight, bias)  # (N, V): one chunk only
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 upcast; fp32 (fp64 in tests) kept
-    # log p(target) = -cross-entropy: one fused kernel, fewer passes over (N, V) than gather - logsumexp
-    return -F.cross_entropy(logits, targets, reduction="none")
+class _HeadLogprobs(torch.autograd.Function):
+    """log p(target) of each row through the LM head, chunk by chunk, as one autograd node with a hand-written
+    backward. h: (R, H); weight: (V, H); bias: (V,) or None; targets: (R,). Returns (R,) in fp32 (fp64 for fp64).
+
+    Why not autograd through F.linear + cross_entropy, each chunk under activation checkpointing (the earlier
+    path): its backward re-runs the chunk's forward under autograd, then cross-entropy's backward, so three (chunk,
+    V) fp32 buffers live at once (156 MB each at 256 x 151,936), and every chunk adds the checkpoint's Python
+    hooks and several autograd nodes (host time, which bounds a GPU's step). Here forward saves only the inputs and
+    each row's logsumexp (R floats), and backward recomputes one chunk's logits at a time and turns them into
+    their gradient in place: one fp32 buffer (plus its bf16 copy on a GPU; tests/test_sft.py measures it) and one
+    autograd node for the whole head. d logp / d logits = onehot(target) - softmax."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size):
+        acc = torch.promote_types(h.dtype, torch.float32)  # bf16 is upcast; fp32 (fp64 in tests) kept
+        target_logits, lses = [], []
+        for h_c, t_c in zip(h.split(chunk_size), targets[:, None].split(chunk_size)):  # (n, H), (n, 1)
+            logits = F.linear(h_c, weight, bias).to(acc)  # (n, V): one chunk only
+            target_logits.append(logits.gather(1, t_c))  # (n, 1)
+            # logsumexp in place (torch.logsumexp would allocate a second (n, V) buffer)
+            top = logits.amax(1, keepdim=True)  # (n, 1)
+            lses.append(logits.sub_(top).exp_().sum(1, keepdim=True).log_().add_(top))  # (n, 1)
+            del logits  # before the next chunk's F.linear allocates its own
+        lse = torch.cat(lses)  # (R, 1): all that backward needs beyond the inputs
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return torch.cat(target_logits).squeeze(1) - lse.squeeze(1)  # (R,): a new tensor, not a view (FSDP warns)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # accumulated over chunks in the weight's own dtype (bf16 on a GPU), as autograd summed the old path's
+        # per-chunk gradients; addmm_ rounds once per chunk
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        grad_h = []
+        g = grad_logps[:, None]  # (R, 1): d loss / d logp
+        c = ctx.chunk_size
+        for h_c, t_c, lse_c, g_c, minus_g_c in zip(h.split(c), targets[:, None].split(c), lse.split(c), g.split(c),
+                                                   (-g).split(c)):
+            logits = F.linear(h_c, weight, bias).to(lse.dtype)  # (n, V): the forward's logits again
+            # d logp / d logits = onehot(target) - softmax; times g, in the logits' own buffer
+            d = logits.sub_(lse_c).exp_().mul_(minus_g_c).scatter_add_(1, t_c, g_c).to(h.dtype)  # (n, V)
+            if need_h:
+                grad_h.append(d @ weight)  # (n, H)
+            if need_weight:
+                grad_weight.addmm_(d.t(), h_c)  # (V, H)
+            if need_bias:
+                grad_bias += d.sum(0)  # (V,)
+            del logits, d  # before the next chunk's F.linear allocates its own
+        return torch.cat(grad_h) if need_h else None, grad_weight, grad_bias, None, None
 
 
 class TokenLogprobs(nn.Module):
@@ -239,10 +286,10 @@ class TokenLogprobs(nn.Module):
     batch (data.Packed) only.
 
     Memory by design: the decoder runs once; the LM head then runs on response positions only, in
-    chunks of `chunk_size` tokens, each under activation checkpointing, so neither forward nor
-    backward ever holds more than one (chunk, vocab) slice of logits. (32k tokens x 151,936 vocab
-    in fp32 would be ~20 GB.) Being an nn.Module is what lets FSDP2 gather the head's weights: FSDP
-    gathers a module's parameters only when that module is called, and this wrapper is the root.
+    chunks of `chunk_size` tokens (_HeadLogprobs), so neither forward nor backward ever holds more than
+    one (chunk, vocab) slice of logits. (32k tokens x 151,936 vocab in fp32 would be ~20 GB.) Being an
+    nn.Module is what lets FSDP2 gather the head's weights: FSDP gathers a module's parameters only when
+    that module is called, and this wrapper is the root.
     """
 
     def __init__(self, lm, chunk_size=256):
@@ -257,15 +304,10 @@ class TokenLogprobs(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                **packed).last_hidden_state[0]  # (N, H)
         h = hidden.index_select(0, pred_at)  # (R, H): the hidden state at t predicts token t + 1
+        # the head's weight is the FSDP root's unsharded parameter (tied or not): autograd adds the gradient
+        # returned by _HeadLogprobs.backward to it as to any other use of it
         head = self.lm.get_output_embeddings()
-        chunks = []
-        for i in range(0, h.shape[0], self.chunk_size):  # R is known on the host: no wait on the device
-            args = (h[i:i + self.chunk_size], head.weight, head.bias, targets[i:i + self.chunk_size])
-            if torch.is_grad_enabled():
-                chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-            else:
-                chunks.append(_chunk_logps(*args))
-        return torch.cat(chunks)  # (R,)
+        return _HeadLogprobs.apply(h, head.weight, head.bias, targets, self.chunk_size)  # (R,)
 
 
 def sequence_logps(model, batch):

@@ -1,5 +1,6 @@
 """redi.py: the three objectives against hand-worked numbers, the joint chosen/rejected forward, 1-rank
 vs 2-rank, resume, DPO's reference cache, bad pair rows, and the collapse signature."""
+import copy
 import json
 import math
 import sys
@@ -115,6 +116,31 @@ def test_redi_loss_and_gradients_equal_a_naive_two_forward_reference(alpha, lm_a
     assert loss.item() == pytest.approx(naive.item() / len(pairs), abs=1e-5)
     for g, p in zip(grads, lm.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 10_000])
+def test_redi_gradients_in_fp64_for_any_chunk_size(chunk_size, lm_and_pairs):
+    """The LM head's hand-written backward (common._HeadLogprobs) inside the whole pair step, in float64, where
+    rounding cannot hide a wrong term: REDI's loss and every parameter's gradient (the head's weight is tied to the
+    embedding, so its gradient adds both uses) against Eq. 5 with one plain forward per trace, with one token per
+    chunk, chunks that straddle the traces, and one chunk for all. And the DPO reference pass (no grad) gives the
+    training pass's log-probs bit for bit, without a graph."""
+    lm, pairs = copy.deepcopy(lm_and_pairs[0]).double(), lm_and_pairs[1]
+    model = TokenLogprobs(lm, chunk_size=chunk_size)
+    batch = redi.pack_pairs(pairs)
+    p = redi.pair_logps(model, batch)
+    loss = redi.redi_loss(p, alpha=0.8).mean()
+    grads = torch.autograd.grad(loss, list(lm.parameters()))
+    naive = sum(-naive_lp(lm, q, y_w) / len(y_w) + 0.8 * naive_lp(lm, q, y_l) / len(y_l) for q, y_w, y_l in pairs)
+    naive_grads = torch.autograd.grad(naive / len(pairs), list(lm.parameters()))
+    assert loss.item() == pytest.approx(naive.item() / len(pairs), abs=1e-12)
+    for g, r in zip(grads, naive_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+    with torch.no_grad():
+        reference = redi.pair_logps(model, batch)
+    assert reference.chosen_logps.grad_fn is None
+    assert torch.equal(reference.chosen_logps, p.chosen_logps.detach())
+    assert torch.equal(reference.rejected_logps, p.rejected_logps.detach())
 
 
 # -----------------------------------------------------------------------------
