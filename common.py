@@ -494,8 +494,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g = parser.add_argument_group("memory")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     g.add_argument("--logprob-chunk", type=int, default=256,
-                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB (bench.py on CPU: 1,024 cost 1.7 GB "
-                        "more, no faster; on a GPU larger chunks mean fewer launches)")
+                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB, one chunk held at a time (bench.py "
+                        "redi_ii on CPU: 1,024 peaked 0.4 GB higher; on a GPU larger chunks mean fewer launches)")
     g = parser.add_argument_group("speed")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (the first step compiles, and again for each new count of "
