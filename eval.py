@@ -336,13 +336,14 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if query.shape[2] > 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    if not isinstance(attention_mask, torch.Tensor):  # a BlockMask
-        out = flex_decode(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling,
-                            enable_gqa=key.shape[1] != query.shape[1])
-        return out.transpose(1, 2), None
     B, H, _, D = query.shape
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(B, key.shape[1], H // key.shape[1], D), key, value, attn_mask=attention_mask, scale=scaling)
+    query = query.reshape(B, key.shape[1], H // key.shape[1], D)  # (B, KV heads, G, D)
+    if not isinstance(attention_mask, torch.Tensor):  # a BlockMask. Its grouped-query path would need G to be a
+        # power of two to use the decoding kernel (Qwen2.5-Math-1.5B: 12 / 2 = 6); as G query rows it needs nothing
+        out = flex_decode(query.device.type)(query, key, value, block_mask=attention_mask, scale=scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling)
     return out.reshape(B, 1, H, D), None  # (B, T=1, H, D), as HF's attention functions return
 
 
@@ -496,7 +497,8 @@ class SlotEngine:
             self.block_mask = BlockMask.from_kv_blocks(
                 self.partial_blocks, self.partial_index, self.full_blocks,
                 torch.arange(blocks, dtype=torch.int32, **dev).expand(shape + (blocks,)).contiguous(),
-                BLOCK_SIZE=FLEX_BLOCK, mask_mod=lambda b, h, q, kv: kv <= pos[b], seq_lengths=(1, self.capacity))
+                BLOCK_SIZE=FLEX_BLOCK, mask_mod=lambda b, h, q, kv: kv <= pos[b],
+                seq_lengths=(config.num_attention_heads // self.cache.keys[0].shape[1], self.capacity))  # (G, columns)
 
     def _step(self, window, full_sort):
         """One decoding step for all slots; no host sync, so a CUDA graph can hold it. Idle slots compute garbage
