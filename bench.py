@@ -119,9 +119,8 @@ parser.add_argument("--gen-spread-max", type=int, default=None,
 parser.add_argument("--gen-step-windows", default="512,2048,8192,32768",
                     help="GPU: also time engine slots' captured decoding step at these attention windows ('' to skip)")
 parser.add_argument("--gen-slot-attention", default="window",
-                    help="engine slots' decoding attention(s), comma-separated: window, flex (eval.py --slot-attention), "
-                         "flex-compiled (flex with eval.py --compile-step); each is measured on the same samples, "
-                         "reported as engine slots, slots:flex, slots:flex-compiled")
+                    help="engine slots' decoding attention(s), comma-separated: window, flex (eval.py --slot-attention); "
+                         "each is measured on the same samples, reported as engine slots and slots:flex")
 parser.add_argument("--gen-spread-generate", choices=["auto", "on", "off"], default="auto",
                     help="run the spread case on engine generate too (auto: on a CPU only; on a GPU at the 1.5B size "
                          "its static batches at ~90 ms per step would take most of an hour)")
@@ -364,11 +363,6 @@ def slot_name(attention):
     return "slots" if attention == "window" else f"slots:{attention}"
 
 
-def slot_options(attention):
-    """SlotEngine's arguments for a --gen-slot-attention entry."""
-    return {"attention": attention.removesuffix("-compiled"), "compile_step": attention.endswith("-compiled")}
-
-
 def generate_worker(setup, device, trained=False):
     """eval.py's two generation engines (load_for_generation, then generate_batch or SlotEngine; PAPER.md §4's sampling,
     each sample's own seed) on the same samples, forced to the same lengths: no stop token ends a sample (a random
@@ -399,9 +393,9 @@ def generate_worker(setup, device, trained=False):
     def slot_engine(slots, attention):
         if (slots, attention) not in engines:
             engine = SlotEngine(model, slots, max(map(len, prompts)) + longest - 1, longest, 0.6, 0.95, [], pad_id,
-                                cuda_graphs=device.type == "cuda", **slot_options(attention))
+                                cuda_graphs=device.type == "cuda", attention=attention)
             list(engine.generate([{"prompt_ids": prompts[0], "seed": 0, "max_new_tokens": 4}] * 2))
-            assert engine.attention == slot_options(attention)["attention"], f"engine slots fell back from {attention}"
+            assert engine.attention == attention, f"engine slots fell back from {attention} (see its warning)"
             engines[slots, attention] = engine
         return engines[slots, attention]
 
@@ -451,7 +445,7 @@ def generate_worker(setup, device, trained=False):
         engines.clear()
         for attention in setup["gen_slot_attention"]:
             engine = SlotEngine(model, width, max(setup["gen_step_windows"]), 1, 0.6, 0.95, [], pad_id,
-                                **slot_options(attention))
+                                attention=attention)
             list(engine.generate([{"prompt_ids": prompts[0], "seed": 0}]))  # captures every window's graph
             times = out.setdefault(slot_name(attention), {})
             times["step_ms"], times["sort_step_ms"] = {}, {}
@@ -872,8 +866,8 @@ def main():
     setup["gen_spread_generate"] = args.gen_spread_generate == "on" or (args.gen_spread_generate == "auto" and not cuda)
     setup["gen_step_windows"] = [int(w) for w in args.gen_step_windows.split(",") if w]
     setup["gen_slot_attention"] = args.gen_slot_attention.split(",")
-    if not set(setup["gen_slot_attention"]) <= {"window", "flex", "flex-compiled"}:
-        parser.error(f"--gen-slot-attention {args.gen_slot_attention!r}: expected some of window, flex, flex-compiled")
+    if not set(setup["gen_slot_attention"]) <= {"window", "flex"}:
+        parser.error(f"--gen-slot-attention {args.gen_slot_attention!r}: expected window, flex or window,flex")
     trained = None if args.no_eval or not grading else smollm2_folder(work / "smollm2")
     if trained:  # MATH-500 in eval.py's prompt: the middle of its lengths, as eval.py batches similar lengths
         from eval import build_prompt

@@ -109,9 +109,6 @@ parser.add_argument("--slot-attention", choices=["window", "flex"], default="win
                          "longest live sample, rounded up to a window (one CUDA graph per window); flex: each slot "
                          "reads its own length, in blocks of 128 columns (FlexAttention, compiled on a GPU at the "
                          "first step; one graph). flex is not yet measured on a GPU (README, Generation speed)")
-parser.add_argument("--compile-step", action="store_true",
-                    help="with --slot-attention flex: torch.compile engine slots' whole decoding step before it is "
-                         "captured (fused kernels; compiles at the first step). Not yet measured on a GPU")
 parser.add_argument("--seed", type=int, default=0, help="sample j of a problem always draws the same random numbers")
 # grading and output
 parser.add_argument("--grade-workers", type=int, default=2, help="math-verify worker processes per rank")
@@ -438,14 +435,13 @@ class SlotEngine:
 
     attention: what a decoding step's attention reads. "window": the first `window` columns of every row, the longest
     live sequence rounded up to one of attention_windows (a graph per window and variant), masked per row. "flex":
-    each row its own blocks of FLEX_BLOCK columns up to its position (FlexAttention; a graph per variant).
-    compile_step (with flex): the whole step through torch.compile before capture, so that its elementwise work runs
-    in fused kernels: a replayed graph still launches every kernel it holds, ~29 per decoder layer uncompiled."""
+    each row its own blocks of FLEX_BLOCK columns up to its position: the whole ones, and the one it ends in, masked
+    there by mask_mod (FlexAttention; a graph per variant)."""
 
     prefill_tokens = 16384  # prompt tokens per prefill forward, padding included
 
     def __init__(self, model, slots, capacity, max_new_tokens, temperature, top_p, stop_ids, pad_id=None,
-                 cuda_graphs=True, attention="window", compile_step=False):
+                 cuda_graphs=True, attention="window"):
         config = model.config
         assert slots_supported(model), "engine slots needs a model whose every layer attends to the full context"
         p = next(model.parameters())
@@ -462,9 +458,6 @@ class SlotEngine:
         assert attention in ("window", "flex")
         self.attention = attention  # flex: one window, the whole cache, of which each row reads its own blocks
         self.windows = attention_windows(self.capacity) if attention == "window" else [self.capacity]
-        if compile_step:  # fuses the step's ~29 operators per layer; with windows, each window would compile anew
-            assert attention == "flex", "compile_step needs attention flex: one window, so one compile per variant"
-            self._step = torch.compile(self._step, dynamic=False)
         self.graphs = {}  # window -> torch.cuda.CUDAGraph of the prefiltered step, captured at the first run
         self.sort_graphs = {}  # window -> the full-sort step's graph, captured with them
         # The step's state, in buffers whose addresses never change (the graphs read and write them in place).
@@ -625,7 +618,6 @@ class SlotEngine:
                             print(f"warning: engine slots could not compile or capture its FlexAttention step ({why}); "
                                   "using --slot-attention window", flush=True)
                             self.attention, self.windows = "window", attention_windows(self.capacity)
-                            self.__dict__.pop("_step", None)  # the compiled step, if any: the plain one from now on
                         else:
                             print(f"warning: engine slots could not capture its decoding step as a CUDA graph ({why}); "
                                   "decoding eagerly, much slower", flush=True)
@@ -1151,7 +1143,7 @@ def generate_groups(model, jobs, args, pad_id, stop_ids):
         return
     engine = SlotEngine(model, min(args.batch_size, len(jobs)), max(len(j["prompt_ids"]) for j in jobs)
                         + args.max_new_tokens - 1, args.max_new_tokens, args.temperature, args.top_p, stop_ids, pad_id,
-                        cuda_graphs=args.cuda_graphs, attention=args.slot_attention, compile_step=args.compile_step)
+                        cuda_graphs=args.cuda_graphs, attention=args.slot_attention)
     group, t0, steps, busy = [], time.perf_counter(), 0, 0
 
     def finish_group():
@@ -1182,8 +1174,6 @@ def check_out_folder(args):
 
 
 def run(args):
-    if args.compile_step and args.slot_attention != "flex":
-        die("--compile-step needs --slot-attention flex (with windows every window would compile anew)")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or min(args.samples, args.batch_size, args.max_new_tokens) < 1:
         die("--temperature must be > 0, --top-p in (0, 1], --samples, --batch-size and --max-new-tokens >= 1")
     rank, world, device = init_dist()

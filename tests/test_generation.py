@@ -22,13 +22,11 @@ def settings(max_new_tokens):
     return type("Args", (), {"max_new_tokens": max_new_tokens, "temperature": 0.6, "top_p": 0.95})
 
 
-def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384, attention="window",
-              compile_step=False):
+def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_tokens=16384, attention="window"):
     """The engine's results, put back in job order (it yields them in the order samples stop). The engine's
     `variants` lists, per step, (whether it ran the full-sort variant, whether a row was short)."""
     capacity = max(len(j["prompt_ids"]) for j in jobs) + max_new_tokens - 1
-    engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id, attention=attention,
-                           compile_step=compile_step)
+    engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id, attention=attention)
     engine.prefill_tokens = prefill_tokens
     engine.variants, step = [], engine._step
 
@@ -164,17 +162,17 @@ def test_slots_switch_between_their_two_steps_token_for_token(slots):
     assert engine.sort_steps == sum(variant) and engine.redraws == sum(not v and s for v, s in engine.variants)
 
 
-@pytest.mark.parametrize("compiled", [False, True, "step"])
+@pytest.mark.parametrize("compiled", [False, True])
 def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
     """--slot-attention flex: each slot reads the blocks of 128 columns up to its own position, and in the last of
     them the columns up to it; one window (the whole cache) for all steps. Six prompts of 1 to 200 tokens and 150 new
     tokens through 3 slots: positions cross the blocks at 128 and 256 at different steps in different slots, and
-    slots are refilled while others are deep in. 6 query heads over 2 KV heads (a grouping error failed all three). Against engine generate (64 tokens: CDF steps of ~1/64, far above
-    rounding); eager FlexAttention (the CPU default) and compiled (what a GPU runs: the mask's tensors are updated in
-    place between calls, which the compiled function must see); and the whole step compiled (compile_step). The
-    eager reference computes every column and applies mask_mod, so only the compiled runs check which blocks are read:
-    one full block too few, no partial block, or the partial block's index left at 0 each failed them)."""
-    if compiled is True:
+    slots are refilled while others are deep in; 6 query heads over 2 KV heads (a grouping error failed both cases).
+    Against engine generate (64 tokens: CDF steps of ~1/64, far above rounding); eager FlexAttention (the CPU default)
+    and compiled (what a GPU runs: the mask's tensors are updated in place between calls, which the compiled function
+    must see). The eager reference computes every column and applies mask_mod, so only the compiled run checks which
+    blocks are read: one full block too few, no partial block, or the partial block's index left at 0 each failed it."""
+    if compiled:
         from torch.nn.attention.flex_attention import flex_attention
         monkeypatch.setitem(ev._flex_decoders, "cpu", torch.compile(flex_attention, dynamic=False))
     model = random_model(64, hidden=48, heads=6)  # 3 query heads per KV head, as Qwen2.5-Math-1.5B's 6: no power of 2
@@ -182,7 +180,7 @@ def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
     jobs = [{"prompt_ids": torch.randint(0, 64, (n,), generator=g).tolist(), "seed": n} for n in (5, 200, 1, 120, 17, 60)]
     jobs[2]["max_new_tokens"] = 40
     expected = ev.generate_batch(model, jobs, settings(150), 0, [], CPU)
-    got, engine = run_slots(model, jobs, 3, 150, [], 0, attention="flex", compile_step=compiled == "step")
+    got, engine = run_slots(model, jobs, 3, 150, [], 0, attention="flex")
     assert got == expected
     assert engine.windows == [engine.capacity] == [512] and engine.attention == "flex"
     assert sorted(len(j["prompt_ids"]) + j.get("max_new_tokens", 150) - 1 for j in jobs)[-3:] == [209, 269, 349]
@@ -190,14 +188,13 @@ def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
 
 def test_flex_attention_falls_back_to_windows_when_it_cannot_be_captured(monkeypatch, capsys):
     """Where FlexAttention's step cannot be compiled or captured (a torch without Triton, say), engine slots warns
-    and uses attention windows (and the plain step, not a compiled one); where even those cannot be captured, it
-    decodes eagerly. Simulated on a CPU: every capture raises."""
+    and uses attention windows; where even those cannot be captured, it decodes eagerly. Simulated on a CPU: every capture raises."""
     def fail(self):
         raise RuntimeError(f"no capture with attention {self.attention}")
     monkeypatch.setattr(ev.SlotEngine, "_capture", fail)
     model = random_model(64)
     jobs = [{"prompt_ids": [3, 1, 4, 1, 5], "seed": 9}, {"prompt_ids": [2, 7], "seed": 1}]
-    engine = ev.SlotEngine(model, 2, 5 + 20 - 1, 20, 0.6, 0.95, [], 0, attention="flex", compile_step=True)
+    engine = ev.SlotEngine(model, 2, 5 + 20 - 1, 20, 0.6, 0.95, [], 0, attention="flex")
     engine.cuda_graphs = True  # as on a GPU
     got = {id(j): r for j, r in engine.generate(jobs)}
     assert [got[id(j)] for j in jobs] == ev.generate_batch(model, jobs, settings(20), 0, [], CPU)
@@ -205,21 +202,18 @@ def test_flex_attention_falls_back_to_windows_when_it_cannot_be_captured(monkeyp
     assert "(no capture with attention flex); using --slot-attention window" in out
     assert "(no capture with attention window); decoding eagerly" in out
     assert engine.attention == "window" and not engine.cuda_graphs and engine.windows == [256]
-    assert "_step" not in vars(engine)  # the compiled step went with flex (it would compile again for each window)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CUDA graphs are captured there only")
 @pytest.mark.parametrize("vocab,logit_scale,attention", [(64, None, "window"), (3000, None, "window"),
-                                                          (3000, 9.0, "window"), (64, None, "flex"),
-                                                          (3000, 9.0, "flex-compiled")])
+                                                          (3000, 9.0, "window"), (64, None, "flex")])
 def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale, attention):
     """On a GPU: the captured steps (two graphs per window, one per variant; 300 new tokens cross from the 256 window
     to the 512 one) give exactly what the same steps launched one by one give (the same kernels on the same inputs),
     and, over 300 tokens, what engine generate gives (whose logits agree to rounding: compared where CDF steps are
     ~1/64 apart). 64 tokens: never short, the prefiltered step only; 3,000: always short, the full-sort step after
     the first; 3,000 in tied pairs, more peaked: the two variants in turn. With attention flex (FlexAttention compiled,
-    one graph per variant), and with the whole step compiled (a compiled step may fuse differently from its eager
-    run, so there the compiled graphs are compared with the compiled step run eagerly)."""
+    one graph per variant) too."""
     model = random_model(vocab, hidden=64 if logit_scale is None else 32, tied_pairs=logit_scale is not None,
                          logit_scale=logit_scale).cuda()  # hidden 32 with scale 9: 40 of 600 steps full sort on a CPU
     jobs = [{"prompt_ids": torch.randint(0, vocab, (n,)).tolist(), "seed": n} for n in (5, 40, 1, 90, 17)]
@@ -229,11 +223,11 @@ def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale, attenti
     results, counts = {}, {}
     for graphs in (True, False):
         engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs,
-                               attention=attention.removesuffix("-compiled"), compile_step=attention.endswith("compiled"))
+                               attention=attention)
         by_job = {id(job): result for job, result in engine.generate(jobs)}
         results[graphs], counts[graphs] = [by_job[id(j)] for j in jobs], (engine.sort_steps, engine.redraws)
         assert bool(engine.graphs) == bool(engine.sort_graphs) == graphs
-        assert engine.attention == attention.removesuffix("-compiled")  # no fallback from flex
+        assert engine.attention == attention  # no fallback from flex
         assert len(engine.windows) == (2 if attention == "window" else 1)
     assert results[True] == results[False] and counts[True] == counts[False]
     sort_steps, redraws = counts[True]
@@ -318,7 +312,3 @@ def test_a_token_budget_below_one_stops_with_one_sentence(tiny_model, toy, tmp_p
                       check=False)
     assert proc.returncode == 2 and "--max-new-tokens >= 1" in proc.stdout
 
-
-def test_a_compiled_step_without_flex_stops_with_one_sentence(tiny_model, toy, tmp_path):
-    proc = run_script("eval.py", "--model", tiny_model, "--data", toy, "--compile-step", "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "--compile-step needs --slot-attention flex" in proc.stdout
