@@ -281,6 +281,49 @@ class _HeadLogprobs(torch.autograd.Function):
         return torch.cat(grad_h) if need_h else None, grad_weight, grad_bias, None, None
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(g) * u): the end of a Llama-style MLP (Qwen2's), saving only g and u for backward.
+
+    Why: autograd through the model's own MLP keeps four (tokens, intermediate) tensors per layer until backward:
+    g, silu(g), u and their product (the down projection's input), the largest part of the activations (55% of
+    them in one 8,704-token pair on the CPU benchmark model, profiled). Backward here recomputes silu(g) and the
+    product from g and u: two elementwise operations, no matmul. The same operations in the same order as the
+    model's forward and autograd's backward, so values and gradients are bit for bit the model's
+    (tests/test_sft.py). g, u: (..., I); weight: (H, I)."""
+
+    @staticmethod
+    def forward(ctx, g, u, weight):
+        ctx.save_for_backward(g, u, weight)
+        return F.linear(F.silu(g) * u, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g, u, weight = ctx.saved_tensors
+        a = F.silu(g)
+        grad_weight = grad_out.flatten(0, -2).t().mm((a * u).flatten(0, -2))  # (H, I)
+        grad_p = grad_out @ weight  # (..., I): the product's gradient
+        grad_u = grad_p * a
+        del a
+        grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)
+        return grad_g, grad_u, grad_weight
+
+
+SWIGLU_MLPS = ("Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3MLP")  # each computes down(act(gate(x)) * up(x))
+
+
+def save_less_in_mlps(lm):
+    """Each decoder layer's MLP ends in _SwiGLUDown, for the MLPs known to be down(silu(gate(x)) * up(x)) with no
+    bias on down; any other MLP is left as the model defines it. Returns how many layers changed."""
+    changed = 0
+    for layer in lm.model.layers:
+        mlp = getattr(layer, "mlp", None)
+        if (type(mlp).__name__ in SWIGLU_MLPS and getattr(lm.config, "hidden_act", None) == "silu"
+                and mlp.down_proj.bias is None):
+            mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
+            changed += 1
+    return changed
+
+
 class TokenLogprobs(nn.Module):
     """Wraps a causal LM so that forward returns log pi(y_t | x, y_<t) for the response tokens of a packed
     batch (data.Packed) only.
@@ -322,9 +365,12 @@ def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=Fa
     decoder layer's forward is compiled before sharding (the layers are identical, so one graph serves
     all of them; a packed row's number of sequences is part of the graph, so each new count compiles once more).
     Compiling the module's __call__ instead traced FSDP's hooks and captured almost nothing (8 operator calls
-    against 318 in a 4-layer CPU probe)."""
+    against 318 in a 4-layer CPU probe). Without activation checkpointing the MLPs save less for backward
+    (save_less_in_mlps); with it, a layer keeps only its input anyway, and the MLPs run as the model defines them."""
     if grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        save_less_in_mlps(lm)
     if compile:  # the layer's own forward (checkpointing's wrapper, if on), not its __call__: FSDP's hooks stay eager
         for layer in lm.model.layers:  # dynamic: packed rows change length every micro-batch; one graph serves
             layer.forward = torch.compile(layer.forward, dynamic=True)  # every layer, and each count of sequences

@@ -123,14 +123,17 @@ def test_redi_gradients_in_fp64_for_any_chunk_size(chunk_size, lm_and_pairs):
     """The LM head's hand-written backward (common._HeadLogprobs) inside the whole pair step, in float64, where
     rounding cannot hide a wrong term: REDI's loss and every parameter's gradient (the head's weight is tied to the
     embedding, so its gradient adds both uses) against Eq. 5 with one plain forward per trace, with one token per
-    chunk, chunks that straddle the traces, and one chunk for all. And the DPO reference pass (no grad) gives the
-    training pass's log-probs bit for bit, without a graph."""
+    chunk, chunks that straddle the traces, and one chunk for all; the MLPs save less, as sft.py's and redi.py's do
+    without activation checkpointing (common.save_less_in_mlps), the reference's are the model's own. And the DPO
+    reference pass (no grad) gives the training pass's log-probs bit for bit, without a graph."""
     lm, pairs = copy.deepcopy(lm_and_pairs[0]).double(), lm_and_pairs[1]
-    model = TokenLogprobs(lm, chunk_size=chunk_size)
+    trained = copy.deepcopy(lm)
+    assert common.save_less_in_mlps(trained) == 2
+    model = TokenLogprobs(trained, chunk_size=chunk_size)
     batch = redi.pack_pairs(pairs)
     p = redi.pair_logps(model, batch)
     loss = redi.redi_loss(p, alpha=0.8).mean()
-    grads = torch.autograd.grad(loss, list(lm.parameters()))
+    grads = torch.autograd.grad(loss, list(trained.parameters()))
     naive = sum(-naive_lp(lm, q, y_w) / len(y_w) + 0.8 * naive_lp(lm, q, y_l) / len(y_l) for q, y_w, y_l in pairs)
     naive_grads = torch.autograd.grad(naive / len(pairs), list(lm.parameters()))
     assert loss.item() == pytest.approx(naive.item() / len(pairs), abs=1e-12)

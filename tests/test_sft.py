@@ -205,6 +205,49 @@ def test_head_backward_holds_one_chunk_of_logits():
     assert held["checkpointed"][0] > 2.75 and held["checkpointed"][1] > 1.75, held  # so the bounds above can fail
 
 
+def saved_activation_bytes(fn, params):
+    """Bytes of the distinct tensors, other than `params`, that autograd saves for backward while fn runs."""
+    saved, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_mlp_saving_less_is_the_models_mlp_bit_for_bit(arch):
+    """common.save_less_in_mlps: the MLP's output and every gradient equal the model's own MLP exactly (fp32: the
+    same operations in the same order), while autograd keeps the MLP's input, g and u (H + 2I floats a token)
+    instead of also silu(g) and the product (H + 4I). An MLP of another shape is left alone."""
+    torch.manual_seed(0)
+    H, I, N = 16, 48, 10
+    kw = dict(vocab_size=100, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1)
+    lm = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))).float()
+    x = torch.randn(1, N, H)
+    grad_out = torch.randn(1, N, H)
+    results = []
+    for fused in (False, True):
+        mlp = lm.model.layers[0].mlp
+        if fused:
+            assert common.save_less_in_mlps(lm) == 2
+        x_ = x.clone().requires_grad_()
+        out, nbytes = saved_activation_bytes(lambda: mlp(x_), mlp.parameters())
+        grads = torch.autograd.grad(out, [x_, *mlp.parameters()], grad_out)
+        results.append((out, grads, nbytes))
+    (out, grads, nbytes), (out_f, grads_f, nbytes_f) = results
+    assert torch.equal(out, out_f)
+    for g, g_f in zip(grads, grads_f):
+        assert torch.equal(g, g_f)
+    assert (nbytes, nbytes_f) == (4 * N * (H + 4 * I), 4 * N * (H + 2 * I))
+    gelu = Qwen2ForCausalLM(Qwen2Config(**kw, hidden_act="gelu"))
+    assert common.save_less_in_mlps(gelu) == 0
+
+
 def test_update_norm_from_adamw_state_equals_the_weights_difference():
     """clip_and_step reports ||theta_{t+1} - theta_t|| from AdamW's state instead of copying theta_t: it must
     equal the difference of the weights, in fp64 (where the difference carries no visible rounding), over several
@@ -302,12 +345,14 @@ def test_more_sequences_per_row_give_the_same_losses(tiny_model, sft_data, tmp_p
         assert abs(l1 - l2) < 1e-5 and abs(g1 - g2) < 1e-4
 
 
-def test_compiled_layers_give_the_eager_losses(tiny_model, sft_data, tmp_path):
-    """--compile (each decoder layer's forward through torch.compile; here with activation checkpointing, whose
-    wrapper is then compiled too) must train as the eager path does: every step's loss and gradient norm to 1e-5
-    (fp32 on a CPU; the compiled kernels may sum in other orders). Slow: ~1 min of compiling."""
-    sft(tiny_model, sft_data, tmp_path / "eager", "--grad-checkpointing")
-    sft(tiny_model, sft_data, tmp_path / "compiled", "--grad-checkpointing", "--compile")
+@pytest.mark.parametrize("checkpointing", [["--grad-checkpointing"], []], ids=["checkpointed", "mlps-save-less"])
+def test_compiled_layers_give_the_eager_losses(checkpointing, tiny_model, sft_data, tmp_path):
+    """--compile (each decoder layer's forward through torch.compile: with activation checkpointing, whose wrapper
+    is then compiled too; without it, the MLPs' hand-written backward) must train as the eager path does: every
+    step's loss and gradient norm to 1e-5 (fp32 on a CPU; the compiled kernels may sum in other orders). Slow: ~1
+    min of compiling each."""
+    sft(tiny_model, sft_data, tmp_path / "eager", *checkpointing)
+    sft(tiny_model, sft_data, tmp_path / "compiled", *checkpointing, "--compile")
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [s for s, _, _ in compiled] == [1, 2, 3, 4, 5]
     for (_, l1, g1), (_, l2, g2) in zip(eager, compiled):
