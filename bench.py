@@ -28,7 +28,7 @@ position, prompt and padding included; so CPU ratios do not predict GPU ones: ru
 
 Same work: fp32 on CPU, bf16 compute on GPU (project: FSDP2 mixed precision; TRL: bf16 autocast); AdamW at lr 1e-6,
 weight decay 1e-4, clipping at 1.0, constant LR; the same micro-batches (--micro-batch sequences or pairs per
-forward, the rest accumulated) in the same order, sorted by length as data.micro_batches sorts; gradient
+forward, the rest accumulated) in the same order, longest first as data.micro_batches sorts; gradient
 checkpointing off for both (on for both with --grad-checkpointing). Where the two optimise the same loss (SFT, DPO)
 their losses agree step for step; the run prints the largest difference.
 
@@ -225,7 +225,7 @@ def project_worker(objective, examples, setup, device):
     model, optimizer, _ = build_model(args, device)
     model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
     mb = args.micro_batch_size  # a --variant may pack more per row than TRL's micro-batches hold
-    groups = [list(range(i, min(i + mb, len(examples)))) for i in range(0, len(examples), mb)]  # sorted by length
+    groups = [list(range(i, min(i + mb, len(examples)))) for i in range(0, len(examples), mb)]  # longest first
     if objective == "sft":
         batches = [pack([examples[i] for i in g]).to(device) for g in groups]
     else:
@@ -315,7 +315,7 @@ def trl_worker(objective, examples, setup, device):
     clock = StepClock()
     same = dict(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=mb,
                 gradient_accumulation_steps=len(examples) // mb, max_steps=1 + setup["steps"] + setup["profile"],
-                train_sampling_strategy="sequential",  # our order, the project's: sorted by length
+                train_sampling_strategy="sequential",  # our order, the project's: longest first
                 learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY,
                 optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM,
                 gradient_checkpointing=setup["grad_checkpointing"],  # TRL's default is on; the project's is off
@@ -577,7 +577,8 @@ def build_model_folder(args, path):
 def build_cases(args, rng):
     """Token ids per case. SFT examples are (ids, prompt length); pairs are (prompt, chosen, rejected) ids.
     Prompts have 100-400 tokens. Case (ii)'s sequence lengths (prompt + response) are spaced geometrically from
-    --min-len to --max-len, as trace lengths are skewed. Each batch is sorted by length, as data.micro_batches does."""
+    --min-len to --max-len, as trace lengths are skewed. Each batch is sorted longest first, as data.micro_batches
+    sorts."""
     def ids(n):
         return rng.integers(0, N_ORDINARY, int(n)).tolist()
 
@@ -595,9 +596,9 @@ def build_cases(args, rng):
         cases["pair_ii"].append((ids(p), ids(lengths[2 * k] - p), ids(lengths[2 * k + 1] - p)))
     # drawn after the others, so that adding this case left their token ids as they were
     cases["sft_paper"] = [(ids(n), prompt_len()) for n in np.geomspace(args.min_len, args.max_len, args.paper_batch).round()]
-    cases["sft_paper"].sort(key=lambda e: len(e[0]))
-    cases["sft_ii"].sort(key=lambda e: len(e[0]))
-    cases["pair_ii"].sort(key=lambda e: 2 * len(e[0]) + len(e[1]) + len(e[2]))
+    cases["sft_paper"].sort(key=lambda e: len(e[0]), reverse=True)
+    cases["sft_ii"].sort(key=lambda e: len(e[0]), reverse=True)
+    cases["pair_ii"].sort(key=lambda e: 2 * len(e[0]) + len(e[1]) + len(e[2]), reverse=True)
     tokens = {k: sum(len(ids) for ids, _ in cases[k]) for k in ("sft_i", "sft_ii", "sft_paper")}
     tokens.update({k: sum(2 * len(p) + len(w) + len(l) for p, w, l in cases[k]) for k in ("pair_i", "pair_ii")})
     return cases, tokens
