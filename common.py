@@ -308,18 +308,51 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_g, grad_u, grad_weight
 
 
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)), as Llama-style models (Qwen2's) compute it: in fp32, rounded back to x's dtype before
+    the weight. Saves x and each row's 1 / rms for backward instead of x in fp32 (a copy, for bf16 x) and the
+    normalised rows; backward recomputes those from x, then takes autograd's steps through the model's operations
+    in autograd's order, so the gradients are the model's bit for bit (tests/test_sft.py). x: (..., H); weight: (H,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        h = x.float()
+        n = h * rstd  # (..., H): the normalised rows again
+        grad_weight = (grad_out * n.to(x.dtype)).sum_to_size(weight.shape)  # (H,)
+        grad_n = (grad_out * weight).float()
+        # n = h * rstd, rstd = (mean(h^2) + eps)^(-1/2): through the product, then through rstd, mean and the square
+        grad_rstd = (grad_n * h).sum(-1, keepdim=True)  # (..., 1)
+        grad_mean = -0.5 * grad_rstd * rstd.pow(3)  # (..., 1)
+        grad_h = grad_n * rstd + grad_mean.expand_as(h) / h.shape[-1] * (2 * h)
+        return grad_h.to(x.dtype), grad_weight, None
+
+
 SWIGLU_MLPS = ("Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3MLP")  # each computes down(act(gate(x)) * up(x))
+RMS_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")  # each computes _RMSNorm's formula
 
 
-def save_less_in_mlps(lm):
-    """Each decoder layer's MLP ends in _SwiGLUDown, for the MLPs known to be down(silu(gate(x)) * up(x)) with no
-    bias on down; any other MLP is left as the model defines it. Returns how many layers changed."""
+def save_less_for_backward(lm):
+    """Each decoder layer's MLP ends in _SwiGLUDown (for the MLPs known to be down(silu(gate(x)) * up(x)) with no
+    bias on down), and each layer's and the final RMSNorm is _RMSNorm; any other module is left as the model
+    defines it. Returns how many modules changed."""
     changed = 0
     for layer in lm.model.layers:
         mlp = getattr(layer, "mlp", None)
         if (type(mlp).__name__ in SWIGLU_MLPS and getattr(lm.config, "hidden_act", None) == "silu"
                 and mlp.down_proj.bias is None):
             mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
+            changed += 1
+    for norm in [m for layer in lm.model.layers for m in layer.children()] + [getattr(lm.model, "norm", None)]:
+        if type(norm).__name__ in RMS_NORMS:
+            norm.forward = lambda x, norm=norm: _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
             changed += 1
     return changed
 
@@ -365,12 +398,13 @@ def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=Fa
     decoder layer's forward is compiled before sharding (the layers are identical, so one graph serves
     all of them; a packed row's number of sequences is part of the graph, so each new count compiles once more).
     Compiling the module's __call__ instead traced FSDP's hooks and captured almost nothing (8 operator calls
-    against 318 in a 4-layer CPU probe). Without activation checkpointing the MLPs save less for backward
-    (save_less_in_mlps); with it, a layer keeps only its input anyway, and the MLPs run as the model defines them."""
+    against 318 in a 4-layer CPU probe). Without activation checkpointing the MLPs and norms save less for
+    backward (save_less_for_backward); with it, a layer keeps only its input anyway, and they run as the model
+    defines them."""
     if grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        save_less_in_mlps(lm)
+        save_less_for_backward(lm)
     if compile:  # the layer's own forward (checkpointing's wrapper, if on), not its __call__: FSDP's hooks stay eager
         for layer in lm.model.layers:  # dynamic: packed rows change length every micro-batch; one graph serves
             layer.forward = torch.compile(layer.forward, dynamic=True)  # every layer, and each count of sequences

@@ -218,23 +218,27 @@ def saved_activation_bytes(fn, params):
     return out, sum(saved.values())
 
 
+def tiny_lm(arch, **extra):
+    kw = dict(vocab_size=100, hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, **extra)
+    torch.manual_seed(0)
+    return (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))).float()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_mlp_saving_less_is_the_models_mlp_bit_for_bit(arch):
-    """common.save_less_in_mlps: the MLP's output and every gradient equal the model's own MLP exactly (fp32: the
-    same operations in the same order), while autograd keeps the MLP's input, g and u (H + 2I floats a token)
+    """common.save_less_for_backward, the MLPs: output and every gradient equal the model's own MLP exactly (fp32:
+    the same operations in the same order), while autograd keeps the MLP's input, g and u (H + 2I floats a token)
     instead of also silu(g) and the product (H + 4I). An MLP of another shape is left alone."""
-    torch.manual_seed(0)
+    lm = tiny_lm(arch)
     H, I, N = 16, 48, 10
-    kw = dict(vocab_size=100, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1)
-    lm = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**kw))).float()
     x = torch.randn(1, N, H)
     grad_out = torch.randn(1, N, H)
     results = []
     for fused in (False, True):
         mlp = lm.model.layers[0].mlp
         if fused:
-            assert common.save_less_in_mlps(lm) == 2
+            assert common.save_less_for_backward(lm) == 2 + 5  # 2 MLPs; 2 norms a layer and the final one
         x_ = x.clone().requires_grad_()
         out, nbytes = saved_activation_bytes(lambda: mlp(x_), mlp.parameters())
         grads = torch.autograd.grad(out, [x_, *mlp.parameters()], grad_out)
@@ -244,8 +248,37 @@ def test_mlp_saving_less_is_the_models_mlp_bit_for_bit(arch):
     for g, g_f in zip(grads, grads_f):
         assert torch.equal(g, g_f)
     assert (nbytes, nbytes_f) == (4 * N * (H + 4 * I), 4 * N * (H + 2 * I))
-    gelu = Qwen2ForCausalLM(Qwen2Config(**kw, hidden_act="gelu"))
-    assert common.save_less_in_mlps(gelu) == 0
+    gelu = tiny_lm("qwen2", hidden_act="gelu")
+    assert common.save_less_for_backward(gelu) == 5 and "forward" not in vars(gelu.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norm_saving_less_is_the_models_norm_bit_for_bit(dtype):
+    """common.save_less_for_backward, the RMSNorms: output and gradients equal the model's own norm exactly (the same
+    operations, backward in autograd's order), while autograd keeps x and one fp32 float a row: the model's norm
+    also keeps an fp32 tensor of x's size (x in fp32 and the normalised rows, one of them x itself in fp32)."""
+    lm = tiny_lm("qwen2").to(dtype)
+    N, H = 12, 16
+    torch.manual_seed(1)
+    x, grad_out = torch.randn(2, N, H, dtype=dtype) * 3, torch.randn(2, N, H, dtype=dtype)
+    norms = lambda: (lm.model.layers[0].input_layernorm, lm.model.norm)  # noqa: E731
+    with torch.no_grad():
+        for norm in norms():
+            norm.weight.normal_()  # not all ones: the weight's gradient must be right
+    results = []
+    for fused in (False, True):
+        if fused:
+            common.save_less_for_backward(lm)
+        for norm in norms():
+            x_ = x.clone().requires_grad_()
+            out, nbytes = saved_activation_bytes(lambda: norm(x_), [norm.weight])
+            results.append((out, torch.autograd.grad(out, [x_, norm.weight], grad_out), nbytes))
+    for (out, grads, nbytes), (out_f, grads_f, nbytes_f) in zip(results[:2], results[2:]):
+        assert torch.equal(out, out_f)
+        for g, g_f in zip(grads, grads_f):
+            assert torch.equal(g, g_f)
+        assert nbytes_f == x.numel() * x.element_size() + 2 * N * 4  # x, and 1 / rms of each row in fp32
+        assert nbytes == nbytes_f + x.numel() * 4  # the model's norm also keeps an fp32 tensor of x's size
 
 
 def test_update_norm_from_adamw_state_equals_the_weights_difference():
