@@ -340,20 +340,18 @@ RMS_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")  
 
 
 def save_less_for_backward(lm):
-    """Each decoder layer's MLP ends in _SwiGLUDown (for the MLPs known to be down(silu(gate(x)) * up(x)) with no
-    bias on down), and each layer's and the final RMSNorm is _RMSNorm; any other module is left as the model
-    defines it. Returns how many modules changed."""
+    """Every MLP known to be down(silu(gate(x)) * up(x)) with no bias on down ends in _SwiGLUDown, and every RMSNorm
+    of a known class is _RMSNorm; any other module is left as the model defines it. Returns how many changed."""
     changed = 0
-    for layer in lm.model.layers:
-        mlp = getattr(layer, "mlp", None)
-        if (type(mlp).__name__ in SWIGLU_MLPS and getattr(lm.config, "hidden_act", None) == "silu"
-                and mlp.down_proj.bias is None):
-            mlp.forward = lambda x, mlp=mlp: _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
-            changed += 1
-    for norm in [m for layer in lm.model.layers for m in layer.children()] + [getattr(lm.model, "norm", None)]:
-        if type(norm).__name__ in RMS_NORMS:
-            norm.forward = lambda x, norm=norm: _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
-            changed += 1
+    for m in lm.modules():
+        kind = type(m).__name__
+        if kind in SWIGLU_MLPS and getattr(lm.config, "hidden_act", None) == "silu" and m.down_proj.bias is None:
+            m.forward = lambda x, m=m: _SwiGLUDown.apply(m.gate_proj(x), m.up_proj(x), m.down_proj.weight)
+        elif kind in RMS_NORMS:
+            m.forward = lambda x, m=m: _RMSNorm.apply(x, m.weight, m.variance_epsilon)
+        else:
+            continue
+        changed += 1
     return changed
 
 
