@@ -334,7 +334,7 @@ def test_two_ranks_give_the_one_rank_losses(tiny_model, sft_data, tmp_path):
 
 
 REDUCTIONS = """
-import sys
+import os, sys
 from types import SimpleNamespace
 import torch, torch.distributed as dist
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -354,7 +354,11 @@ batches = [pack([(torch.randint(1, 128, (20 + 5 * i,), generator=g).tolist(), 4)
 sft.train_step(model, common.make_optimizer(model, 1e-3, 0.0), batches, 1e-3, SimpleNamespace(max_grad_norm=1.0),
                device)
 print(f"rank {rank}: {len(calls)} reduce-scatters")
-common.cleanup()  # without it a rank could abort at exit ("terminate called without an active exception", seen once)
+common.cleanup()
+# a rank has still aborted at interpreter exit after printing the right counts ("terminate called without an active
+# exception", gloo's threads torn down; 2 of ~10 suite runs): leave without that teardown, nothing is left to do
+sys.stdout.flush()
+os._exit(0)
 """
 
 
