@@ -1,7 +1,10 @@
 """Plumbing shared by sft.py, redi.py, eval.py and data.py: processes, checked reading of input files, models,
 log-probs, optimiser, checkpoints.
 
-Nothing here knows about a particular loss; the training scripts read top to bottom and call in.
+Nothing here knows about a particular loss; the training scripts read top to bottom and call in. The speed
+machinery (hand-written backwards, packed attention, the update norm from AdamW's state) is in fast.py; with
+--plain the scripts run without it, and token_logps below is the definition of the log-probs that both paths
+compute.
 """
 import json
 import math
@@ -16,11 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fast import HeadLogprobs, adamw_update_sq, register_packed_sdpa, save_less_for_backward
 
 # -----------------------------------------------------------------------------
 # processes
@@ -178,7 +182,8 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     Qwen2.5-Math's 4k window to 32k (PAPER.md §2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     check_model_path(path, "--model", ("config.json",))
-    _register_packed_sdpa()
+    if attn_implementation == "packed_sdpa":
+        register_packed_sdpa()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -201,212 +206,74 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
     return model
 
 
-def packed_sdpa(module, query, key, value, attention_mask, seq_bounds=None, **kwargs):
-    """Attention for a packed row (data.Packed): PyTorch's SDPA with its causal kernel, run on each sequence of
-    the row in turn, so attention never crosses sequences and no (tokens x tokens) mask is ever built (the
-    block-diagonal mask transformers makes for `sdpa` from restarting position ids holds N^2 entries: 2.5 GB
-    more than this for one 11,443-token pair on this project's CPU benchmark model). seq_bounds: the host-side
-    start of each sequence and the row's end. query: (1, heads, N, head_dim). Returns (1, N, heads, head_dim)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    bounds = seq_bounds or (0, query.shape[2])
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    # split, not a slice per sequence: a slice's backward writes its gradient into a zero tensor of the whole
-    # row, S times over; split's backward is one concatenation (S = 32 sequences in 6,400 tokens, attention
-    # forward + backward on one CPU thread: 55 ms against 114; S = 128 in 32,768: 335 against 1,584)
-    outs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
-    return torch.cat(outs, dim=1), None
-
-
-def _register_packed_sdpa():
-    """Makes "packed_sdpa" an attn_implementation that from_pretrained accepts; its mask builder returns None."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register("packed_sdpa", packed_sdpa)
-    AttentionMaskInterface.register("packed_sdpa", lambda *args, **kwargs: None)
-
-
-class _HeadLogprobs(torch.autograd.Function):
-    """log p(target) of each row through the LM head, chunk by chunk, as one autograd node with a hand-written
-    backward. h: (R, H); weight: (V, H); bias: (V,) or None; targets: (R,). Returns (R,) in fp32 (fp64 for fp64).
-
-    Why not autograd through F.linear + cross_entropy, each chunk under activation checkpointing (the earlier
-    path): its backward re-runs the chunk's forward under autograd, then cross-entropy's backward, so three (chunk,
-    V) fp32 buffers live at once (156 MB each at 256 x 151,936), and every chunk adds the checkpoint's Python
-    hooks and several autograd nodes (host time, which bounds a GPU's step). Here forward saves only the inputs and
-    each row's logsumexp (R floats), and backward recomputes one chunk's logits at a time and turns them into
-    their gradient in place: one fp32 buffer (plus its bf16 copy on a GPU; tests/test_sft.py measures it) and one
-    autograd node for the whole head. d logp / d logits = onehot(target) - softmax."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size):
-        acc = torch.promote_types(h.dtype, torch.float32)  # bf16 is upcast; fp32 (fp64 in tests) kept
-        target_logits, lses = [], []
-        for h_c, t_c in zip(h.split(chunk_size), targets[:, None].split(chunk_size)):  # (n, H), (n, 1)
-            logits = F.linear(h_c, weight, bias).to(acc)  # (n, V): one chunk only
-            target_logits.append(logits.gather(1, t_c))  # (n, 1)
-            # logsumexp in place (torch.logsumexp would allocate a second (n, V) buffer)
-            top = logits.amax(1, keepdim=True)  # (n, 1)
-            lses.append(logits.sub_(top).exp_().sum(1, keepdim=True).log_().add_(top))  # (n, 1)
-            del logits  # before the next chunk's F.linear allocates its own
-        lse = torch.cat(lses)  # (R, 1): all that backward needs beyond the inputs
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
-        return torch.cat(target_logits).squeeze(1) - lse.squeeze(1)  # (R,): a new tensor, not a view (FSDP warns)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # accumulated over chunks in the weight's own dtype (bf16 on a GPU), as autograd summed the old path's
-        # per-chunk gradients; addmm_ rounds once per chunk
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
-        grad_h = []
-        g = grad_logps[:, None]  # (R, 1): d loss / d logp
-        c = ctx.chunk_size
-        for h_c, t_c, lse_c, g_c, minus_g_c in zip(h.split(c), targets[:, None].split(c), lse.split(c), g.split(c),
-                                                   (-g).split(c)):
-            logits = F.linear(h_c, weight, bias).to(lse.dtype)  # (n, V): the forward's logits again
-            # d logp / d logits = onehot(target) - softmax; times g, in the logits' own buffer
-            d = logits.sub_(lse_c).exp_().mul_(minus_g_c).scatter_add_(1, t_c, g_c).to(h.dtype)  # (n, V)
-            if need_h:
-                grad_h.append(d @ weight)  # (n, H)
-            if need_weight:
-                grad_weight.addmm_(d.t(), h_c)  # (V, H)
-            if need_bias:
-                grad_bias += d.sum(0)  # (V,)
-            del logits, d  # before the next chunk's F.linear allocates its own
-        return torch.cat(grad_h) if need_h else None, grad_weight, grad_bias, None, None
-
-
-class _SwiGLUDown(torch.autograd.Function):
-    """down(silu(g) * u): the end of a Llama-style MLP (Qwen2's), saving only g and u for backward.
-
-    Why: autograd through the model's own MLP keeps four (tokens, intermediate) tensors per layer until backward:
-    g, silu(g), u and their product (the down projection's input), the largest part of the activations (55% of
-    them in one 8,704-token pair on the CPU benchmark model, profiled). Backward here recomputes silu(g) and the
-    product from g and u: two elementwise operations, no matmul. The same operations in the same order as the
-    model's forward and autograd's backward, so values and gradients are bit for bit the model's
-    (tests/test_sft.py). g, u: (..., I); weight: (H, I)."""
-
-    @staticmethod
-    def forward(ctx, g, u, weight):
-        ctx.save_for_backward(g, u, weight)
-        return F.linear(F.silu(g) * u, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        g, u, weight = ctx.saved_tensors
-        a = F.silu(g)
-        grad_weight = grad_out.flatten(0, -2).t().mm((a * u).flatten(0, -2))  # (H, I)
-        grad_p = grad_out @ weight  # (..., I): the product's gradient
-        grad_u = grad_p * a
-        del a
-        grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)
-        return grad_g, grad_u, grad_weight
-
-
-class _RMSNorm(torch.autograd.Function):
-    """weight * (x / rms(x)), as Llama-style models (Qwen2's) compute it: in fp32, rounded back to x's dtype before
-    the weight. Saves x and each row's 1 / rms for backward instead of x in fp32 (a copy, for bf16 x) and the
-    normalised rows; backward recomputes those from x, then takes autograd's steps through the model's operations
-    in autograd's order, so the gradients are the model's bit for bit (tests/test_sft.py). x: (..., H); weight: (H,)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        h = x.float()
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (h * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, rstd = ctx.saved_tensors
-        h = x.float()
-        n = h * rstd  # (..., H): the normalised rows again
-        grad_weight = (grad_out * n.to(x.dtype)).sum_to_size(weight.shape)  # (H,)
-        grad_n = (grad_out * weight).float()
-        # n = h * rstd, rstd = (mean(h^2) + eps)^(-1/2): through the product, then through rstd, mean and the square
-        grad_rstd = (grad_n * h).sum(-1, keepdim=True)  # (..., 1)
-        grad_mean = -0.5 * grad_rstd * rstd.pow(3)  # (..., 1)
-        grad_h = grad_n * rstd + grad_mean.expand_as(h) / h.shape[-1] * (2 * h)
-        return grad_h.to(x.dtype), grad_weight, None
-
-
-SWIGLU_MLPS = ("Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3MLP")  # each computes down(act(gate(x)) * up(x))
-RMS_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")  # each computes _RMSNorm's formula
-
-
-def save_less_for_backward(lm):
-    """Every MLP known to be down(silu(gate(x)) * up(x)) with no bias on down ends in _SwiGLUDown, and every RMSNorm
-    of a known class is _RMSNorm; any other module is left as the model defines it. Returns how many changed."""
-    changed = 0
-    for m in lm.modules():
-        kind = type(m).__name__
-        if kind in SWIGLU_MLPS and getattr(lm.config, "hidden_act", None) == "silu" and m.down_proj.bias is None:
-            m.forward = lambda x, m=m: _SwiGLUDown.apply(m.gate_proj(x), m.up_proj(x), m.down_proj.weight)
-        elif kind in RMS_NORMS:
-            m.forward = lambda x, m=m: _RMSNorm.apply(x, m.weight, m.variance_epsilon)
-        else:
-            continue
-        changed += 1
-    return changed
+def token_logps(logits, targets):
+    """The definition of the log-probs every loss here is written in: log pi(y_t | x, y_<t) is the log-softmax of
+    the logits over the full vocabulary, at the token y_t, in fp32 (fp64 for an fp64 model). The plain path
+    (--plain) computes exactly this; the fast path (fast.HeadLogprobs: the LM head in chunks, with a hand-written
+    backward) must equal it, and tests/test_fast.py checks that it does. logits: (R, V); targets: (R,). Returns (R,)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (R,)
 
 
 class TokenLogprobs(nn.Module):
-    """Wraps a causal LM so that forward returns log pi(y_t | x, y_<t) for the response tokens of a packed
-    batch (data.Packed) only.
+    """Wraps a causal LM so that forward returns log pi(y_t | x, y_<t) (token_logps) for the response tokens of a
+    packed batch (data.Packed) only.
 
     Memory by design: the decoder runs once; the LM head then runs on response positions only, in
-    chunks of `chunk_size` tokens (_HeadLogprobs), so neither forward nor backward ever holds more than
-    one (chunk, vocab) slice of logits. (32k tokens x 151,936 vocab in fp32 would be ~20 GB.) Being an
+    chunks of `chunk_size` tokens (fast.HeadLogprobs), so neither forward nor backward ever holds more than
+    one (chunk, vocab) slice of logits. (32k tokens x 151,936 vocab in fp32 would be ~20 GB.) With `plain`, the
+    head runs on all response positions at once and token_logps takes the whole (R, vocab) logits. Being an
     nn.Module is what lets FSDP2 gather the head's weights: FSDP gathers a module's parameters only when
     that module is called, and this wrapper is the root.
     """
 
-    def __init__(self, lm, chunk_size=256):
+    def __init__(self, lm, chunk_size=256, plain=False):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.plain = plain
 
     def forward(self, input_ids, position_ids, pred_at, targets, seq_bounds=None):
         """input_ids, position_ids: (1, N); pred_at, targets: (R,); seq_bounds: a tuple of host ints, as in
         data.Packed. Returns (R,) float32 (float64 for a float64 model): the log-prob of each response token."""
+        # seq_bounds is no argument of the model's forward: it reaches the attention function (fast.packed_sdpa)
+        # only because transformers passes the keyword arguments it does not know from the model's forward, through
+        # each decoder layer, on to attention. The other implementations find the sequences from the position ids.
         packed = {"seq_bounds": seq_bounds} if self.lm.config._attn_implementation == "packed_sdpa" else {}
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                **packed).last_hidden_state[0]  # (N, H)
         h = hidden.index_select(0, pred_at)  # (R, H): the hidden state at t predicts token t + 1
-        # the head's weight is the FSDP root's unsharded parameter (tied or not): autograd adds the gradient
-        # returned by _HeadLogprobs.backward to it as to any other use of it
         head = self.lm.get_output_embeddings()
-        return _HeadLogprobs.apply(h, head.weight, head.bias, targets, self.chunk_size)  # (R,)
+        if self.plain:  # (R,), through the whole (R, V) logits; a copy, as FSDP warns when its root returns a view
+            return token_logps(head(h), targets).clone()
+        # the same values, chunk by chunk. The head's weight is the FSDP root's unsharded parameter (tied or not):
+        # autograd adds the gradient returned by HeadLogprobs.backward to it as to any other use of it
+        return HeadLogprobs.apply(h, head.weight, head.bias, targets, self.chunk_size)  # (R,)
 
 
 def sequence_logps(model, batch):
-    """lp(y) of each sequence of a packed batch: (S,) sums of its response tokens' log-probs."""
-    token_logps = model(*batch.model_inputs)  # (R,)
-    return token_logps.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, token_logps)  # (S,)
+    """lp(y) of each sequence of a packed batch: the sum of log pi(y_t | x, y_<t) over its response tokens. (S,)"""
+    logps = model(*batch.model_inputs)  # (R,)
+    return logps.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, logps)  # (S,)
 
 
-def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=False):
+def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=False, plain=False):
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). GPUs compute in
     bf16 on fp32 master weights and reduce gradients in fp32; CPUs stay fp32. With `compile`, each
     decoder layer's forward is compiled before sharding (the layers are identical, so one graph serves
     all of them; a packed row's number of sequences is part of the graph, so each new count compiles once more).
     Compiling the module's __call__ instead traced FSDP's hooks and captured almost nothing (8 operator calls
     against 318 in a 4-layer CPU probe). Without activation checkpointing the MLPs and norms save less for
-    backward (save_less_for_backward); with it, a layer keeps only its input anyway, and they run as the model
-    defines them."""
+    backward (fast.save_less_for_backward); with it, a layer keeps only its input anyway, and they run as the model
+    defines them, as they always do with `plain`."""
     if grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
+    elif not plain:
         save_less_for_backward(lm)
     if compile:  # the layer's own forward (checkpointing's wrapper, if on), not its __call__: FSDP's hooks stay eager
         for layer in lm.model.layers:  # dynamic: packed rows change length every micro-batch; one graph serves
             layer.forward = torch.compile(layer.forward, dynamic=True)  # every layer, and each count of sequences
-    model = TokenLogprobs(lm, chunk_size)
+    model = TokenLogprobs(lm, chunk_size, plain)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     world = dist.get_world_size()
@@ -417,8 +284,9 @@ def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=Fa
     for layer in lm.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    # Losses are normalised by global counts (tokens or pairs) in the training scripts, so the
-    # gradient must be the plain sum over ranks, not FSDP's default average.
+    # sft.py and redi.py divide their losses by the global batch (response tokens, pairs: every micro-batch of every
+    # rank), which is right only because FSDP sums the gradients over ranks here instead of averaging them, as it
+    # does by default (the step would then be 1 / ranks of theirs).
     for unit in [*lm.model.layers, model]:  # the setting is per FSDP unit
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM collective (gloo has no PREMUL_SUM)
@@ -459,70 +327,33 @@ def accumulate(model, batches):
         yield batch
 
 
-def clip_and_step(model, optimizer, lr, max_grad_norm):
+def local_shard(t):
+    """This rank's part of an FSDP2 (DTensor) parameter; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clip_and_step(model, optimizer, lr, max_grad_norm, plain=False):
     """Set the LR, clip the global gradient norm (across all shards), step, zero. Returns the gradient
     norm before clipping and the norm of the update theta_{t+1} - theta_t over all parameters (the
     paper's "gradient update size", Figures 3-7), both global, as 0-d tensors on the device: nothing
-    here waits for the device (the foreach ops launch a few kernels for all ~340 tensors)."""
+    here waits for the device. With `plain`, the update is the difference of the weights after and before the
+    step (a copy of this rank's shards of theta_t: the model's size again); otherwise fast.adamw_update_sq computes
+    it from AdamW's state, without the copy."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
+    before = [local_shard(p).detach().clone() for p in model.parameters()] if plain else None  # theta_t
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    update_sq = adamw_update_sq(optimizer)
+    if plain:
+        update_sq = torch.stack([(local_shard(p).detach() - theta).double().pow(2).sum()
+                                 for p, theta in zip(model.parameters(), before)]).sum()
+    else:
+        update_sq = adamw_update_sq(optimizer)
     dist.all_reduce(update_sq)  # sum over ranks' shards
     return grad_norm, update_sq.sqrt()
-
-
-def adamw_update_sq(optimizer, chunk_numel=2**26):
-    """||theta_{t+1} - theta_t||^2 of the AdamW step just taken (this rank's shards), from the optimiser's own
-    state, so that no copy of theta_t is needed (for 1.5B parameters that copy was 6 GB, a quarter of the
-    training state, and it set the step's peak memory). AdamW's step is
-        theta_{t+1} = theta_t (1 - lr wd) - lr u,   u = m_hat / (sqrt(v_hat) + eps),
-        m_hat = m_t / (1 - beta1^t),   v_hat = v_t / (1 - beta2^t),
-    so theta_t = (theta_{t+1} + lr u) / (1 - lr wd), and the update is
-        theta_{t+1} - theta_t = -lr / (1 - lr wd) * (u + wd theta_{t+1}).
-    Computed in groups of at most `chunk_numel` elements (temporaries: twice a group), on the device, no wait.
-    It is the update AdamW computed, before fp32 rounds it into the weights (a difference of weights would
-    carry that rounding, ~1e-7 of each weight, against updates of ~1e-6)."""
-    def local(t):  # this rank's shard of an FSDP2 (DTensor) parameter or state
-        return t.to_local() if hasattr(t, "to_local") else t
-
-    total = None
-    for group in optimizer.param_groups:
-        assert not group.get("amsgrad") and not group.get("maximize"), "the formula is AdamW's plain step"
-        params = [p for p in group["params"] if p in optimizer.state]
-        if not params:
-            continue
-        lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
-        state = [optimizer.state[p] for p in params]
-        step = state[0]["step"]  # every parameter of a group takes every step: one count
-        step = torch.as_tensor(step, dtype=torch.float64)  # fp32's 1 - 0.999 would be off by 6e-5 of itself
-        bc1 = (1 - beta1 ** step).to(params[0].dtype)  # on the device when the step count is (fused AdamW): no wait
-        bc2_sqrt = ((1 - beta2 ** step) ** 0.5).to(params[0].dtype)
-        start = 0
-        while start < len(params):  # groups of tensors of at most chunk_numel elements (at least one tensor)
-            end, numel = start, 0
-            while end < len(params) and (end == start or numel + local(params[end]).numel() <= chunk_numel):
-                numel += local(params[end]).numel()
-                end += 1
-            theta = [local(p).detach() for p in params[start:end]]
-            m = [local(st["exp_avg"]) for st in state[start:end]]
-            v = [local(st["exp_avg_sq"]) for st in state[start:end]]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            u = torch._foreach_div(m, denom)  # m_t / (sqrt(v_hat) + eps)
-            del denom
-            torch._foreach_div_(u, bc1)  # u
-            if wd:
-                torch._foreach_add_(u, theta, alpha=wd)  # u + wd theta_{t+1}
-            sq = torch.stack(torch._foreach_norm(u)).double().pow(2).sum() * (lr / (1 - lr * wd)) ** 2
-            total = sq if total is None else total + sq
-            start = end
-    return total
 
 
 def global_sum(values, device):
@@ -551,10 +382,11 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the config's context window (authors: 32768 for Qwen2.5-Math, PAPER.md §2)")
     g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, PAPER.md §2)")
-    g.add_argument("--attn-implementation", default="packed_sdpa",
-                   help="packed_sdpa (default): SDPA's causal kernel on each packed sequence in turn, no mask; "
-                        "flash_attention_2 (needs the flash-attn package): its variable-length kernel; sdpa, eager, "
-                        "flex_attention: transformers' block-diagonal mask, quadratic in the packed row's length")
+    g.add_argument("--attn-implementation", default=None,
+                   help="packed_sdpa (default; fast.py): SDPA's causal kernel on each packed sequence in turn, no "
+                        "mask; flash_attention_2 (needs the flash-attn package): its variable-length kernel; sdpa "
+                        "(the default with --plain), eager, flex_attention: transformers' block-diagonal mask, "
+                        "quadratic in the packed row's length")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
     g.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="do not append the tokenizer's "
                    "EOS after each conversation (the authors' TRL trainers do: it is trained, and counted in |y|)")
@@ -572,9 +404,17 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     g = parser.add_argument_group("memory")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     g.add_argument("--logprob-chunk", type=int, default=256,
-                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB, one chunk held at a time (bench.py "
-                        "redi_ii on CPU: 1,024 peaked 0.4 GB higher; on a GPU larger chunks mean fewer launches)")
+                   help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB, one chunk held at a time "
+                        "(tools/bench.py redi_ii on CPU: 1,024 peaked 0.4 GB higher; on a GPU larger chunks mean fewer "
+                        "launches). Not used with --plain, which takes a micro-batch's response tokens at once")
     g = parser.add_argument_group("speed")
+    g.add_argument("--plain", action="store_true",
+                   help="run without fast.py's machinery: the model's own modules, transformers' sdpa attention over "
+                        "the packed row, full-vocabulary log_softmax + gather for the log-probs, and the update norm "
+                        "as the difference of the weights before and after the step. For reading, checking and "
+                        "forking; slower and more memory; the same losses and gradients to rounding "
+                        "(tests/test_fast.py). --attn-implementation then defaults to sdpa; it may name another of "
+                        "transformers' implementations, not fast.py's packed_sdpa")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (the first step compiles, and again for each new count of "
                         "sequences in a row). Off: not yet measured faster on a GPU (README, Speed and memory)")
@@ -597,11 +437,17 @@ def accumulation_steps(args, world_size):
 
 
 def build_model(args, device):
-    """The starting model, sharded, and its AdamW. Returns (model, optimizer, n_parameters)."""
+    """The starting model, sharded, and its AdamW. Returns (model, optimizer, n_parameters). Resolves
+    --attn-implementation's default in args, so that config.json records the attention that ran."""
+    if args.plain and args.attn_implementation == "packed_sdpa":
+        die("--plain runs transformers' own attention and --attn-implementation packed_sdpa is fast.py's; "
+            "drop one of the two")
+    if args.attn_implementation is None:
+        args.attn_implementation = "sdpa" if args.plain else "packed_sdpa"
     lm = load_model(args.model, args.max_position_embeddings, args.rope_theta, args.attn_implementation,
                     args.trust_remote_code)
     n_params = sum(p.numel() for p in lm.parameters())
-    model = shard_model(lm, device, args.logprob_chunk, args.grad_checkpointing, args.compile)
+    model = shard_model(lm, device, args.logprob_chunk, args.grad_checkpointing, args.compile, args.plain)
     return model, make_optimizer(model, args.lr, args.weight_decay), n_params
 
 

@@ -160,7 +160,7 @@ def micro_batches(indices, lengths, micro_batch_size, rank, world_size):
 
 class Packed(NamedTuple):
     """Sequences laid end to end in one row: no padding, so no position is computed for nothing. Attention
-    stays within each sequence: common.packed_sdpa (the default) runs SDPA on each sequence of the row by
+    stays within each sequence: fast.packed_sdpa (the default) runs SDPA on each sequence of the row by
     seq_bounds; for other attention implementations position_ids restart at 0 where a sequence starts, from
     which transformers builds a block-diagonal causal mask (sdpa, eager, flex_attention) or calls its
     variable-length kernel (flash_attention_2). The response positions are found here, on the host, so the
@@ -171,7 +171,7 @@ class Packed(NamedTuple):
     targets: torch.Tensor       # (R,) that next token
     seq_of: torch.Tensor        # (R,) which of the S sequences it belongs to
     lengths: torch.Tensor       # (S,) response tokens per sequence: |y|
-    seq_bounds: tuple           # (S + 1,) host ints: where each sequence starts, then N (for common.packed_sdpa)
+    seq_bounds: tuple           # (S + 1,) host ints: where each sequence starts, then N (for fast.packed_sdpa)
 
     def to(self, device):
         return Packed(*(t.to(device, non_blocking=True) for t in self[:-1]), self.seq_bounds)

@@ -237,7 +237,9 @@ def train_step(model, optimizer, batches, ref, lr, objective, args, device):
         if objective.needs_reference:
             ref_w, ref_l = ref[idx].to(p.chosen_logps.dtype).unbind(-1)
             p = p._replace(ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
-        loss = objective.loss(p, **hparams).sum() / args.batch_size  # mean over the global batch: all micro-batches, all ranks
+        # the mean over the global batch (all micro-batches, all ranks); right only because common.shard_model
+        # has FSDP sum the gradients over ranks (not average them)
+        loss = objective.loss(p, **hparams).sum() / args.batch_size
         loss.backward()
         with torch.no_grad():
             margin = objective.margin(p)
@@ -247,7 +249,7 @@ def train_step(model, optimizer, batches, ref, lr, objective, args, device):
                 sums[name] = sums[name] + value.sum()
             sums["tokens"] += batch.input_ids.shape[1]
     totals = dict(zip(sums, global_sum(list(sums.values()), device)))  # one collective for all of them
-    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm, args.plain)
     per_pair = {k: v / args.batch_size for k, v in totals.items() if k not in ("loss", "tokens")}
     return {"loss": totals["loss"], "grad_norm": grad_norm, "update_norm": update_norm, **per_pair,
             "tokens": totals["tokens"]}

@@ -53,7 +53,9 @@ def train_step(model, optimizer, batches, lr, args, device):
     """One optimiser step over this rank's micro-batches (data.Packed, on the device). Returns the step's
     global loss, gradient norm, update norm and token count as 0-d tensors on the device."""
     # The loss is a mean over the response tokens of the whole optimiser step: every micro-batch of every
-    # rank. Their count is known on the host before any forward (a tensor's shape, not its values).
+    # rank. Their count is known on the host before any forward (a tensor's shape, not its values). Dividing
+    # by the global count is right only because common.shard_model has FSDP sum the gradients over ranks (not
+    # average them).
     step_tokens, tokens = global_sum([sum(b.targets.shape[0] for b in batches),
                                       sum(b.input_ids.shape[1] for b in batches)], device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's share of the step's loss
@@ -62,7 +64,7 @@ def train_step(model, optimizer, batches, lr, args, device):
         loss.backward()
         loss_sum += loss.detach()
     loss = global_sum([loss_sum], device)[0]
-    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm)
+    grad_norm, update_norm = clip_and_step(model, optimizer, lr, args.max_grad_norm, args.plain)
     return {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "tokens": tokens}
 
 

@@ -12,6 +12,7 @@ from conftest import read_jsonl, run_script, write_jsonl
 from transformers import AutoModelForCausalLM
 
 import common
+import fast
 import redi
 from common import TokenLogprobs
 from data import encode_chats
@@ -120,16 +121,16 @@ def test_redi_loss_and_gradients_equal_a_naive_two_forward_reference(alpha, lm_a
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 10_000])
 def test_redi_gradients_in_fp64_for_any_chunk_size(chunk_size, lm_and_pairs):
-    """The LM head's hand-written backward (common._HeadLogprobs) inside the whole pair step, in float64, where
+    """The LM head's hand-written backward (fast.HeadLogprobs) inside the whole pair step, in float64, where
     rounding cannot hide a wrong term: REDI's loss and every parameter's gradient (the head's weight is tied to the
     embedding, so its gradient adds both uses) against Eq. 5 with one plain forward per trace, with one token per
     chunk, chunks that straddle the traces, and one chunk for all; the MLPs and norms save less for backward, as
-    sft.py's and redi.py's do without activation checkpointing (common.save_less_for_backward); the reference's are
+    sft.py's and redi.py's do without activation checkpointing (fast.save_less_for_backward); the reference's are
     the model's own. And the DPO reference pass (no grad) gives the training pass's log-probs bit for bit, without
     a graph."""
     lm, pairs = copy.deepcopy(lm_and_pairs[0]).double(), lm_and_pairs[1]
     trained = copy.deepcopy(lm)
-    assert common.save_less_for_backward(trained) == 2 + 5
+    assert fast.save_less_for_backward(trained) == 2 + 5
     model = TokenLogprobs(trained, chunk_size=chunk_size)
     batch = redi.pack_pairs(pairs)
     p = redi.pair_logps(model, batch)
