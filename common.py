@@ -307,12 +307,14 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 
 def lr_at(step, total_steps, peak_lr, warmup_frac=0.1):
-    """Linear warmup over the first `warmup_frac` of the steps, then linear decay to 0 (PAPER.md §2).
-    `step` counts optimiser steps from 0; the first step already uses a non-zero rate."""
+    """Linear warmup over the first W = ceil(warmup_frac * total_steps) steps, then linear decay to 0
+    (PAPER.md §2), as the authors' HF Trainer schedule (transformers' get_linear_schedule_with_warmup):
+    `step` counts optimiser steps from 0, and step s uses peak * s / W while s < W, so the first update has
+    LR 0 and the peak is reached at step W."""
     warmup = math.ceil(warmup_frac * total_steps)
     if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    return peak_lr * (total_steps - step) / (total_steps - warmup)
+        return peak_lr * step / warmup
+    return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 def accumulate(model, batches):
@@ -389,7 +391,8 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
                         "quadratic in the packed row's length")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
     g.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="do not append the tokenizer's "
-                   "EOS after each conversation (the authors' TRL trainers do: it is trained, and counted in |y|)")
+                   "EOS after each conversation (the authors' TRL trainers do; stage 2 trains it and counts it in "
+                   "|y|, SFT keeps it untrained unless --train-eos: PAPER.md §1)")
     g = parser.add_argument_group("optimisation (AdamW, PAPER.md §2)")
     g.add_argument("--lr", type=float, default=lr,
                    help="peak learning rate (default: %(default)s)" if lr else "peak learning rate (default: see --loss)")

@@ -240,7 +240,8 @@ def adamw_update_sq(optimizer, chunk_numel=2**26):
             torch._foreach_div_(u, bc1)  # u
             if wd:
                 torch._foreach_add_(u, theta, alpha=wd)  # u + wd theta_{t+1}
-            sq = torch.stack(torch._foreach_norm(u)).double().pow(2).sum() * (lr / (1 - lr * wd)) ** 2
+            # each tensor's norm accumulated in fp64: in fp32, 2^24 elements of 0.1 read 0.9% low on this CPU
+            sq = torch.stack(torch._foreach_norm(u, 2, dtype=torch.float64)).pow(2).sum() * (lr / (1 - lr * wd)) ** 2
             total = sq if total is None else total + sq
             start = end
     return total

@@ -101,8 +101,9 @@ parser.add_argument("--collapse-drop", type=float, default=0.5,
                     help="collapse warning: chosen and rejected LogPS both this many nats/token below their start ...")
 parser.add_argument("--collapse-surge", type=float, default=3.0,
                     help="... while update_norm / lr exceeds this multiple of its median so far")
-# PAPER.md §3: one epoch over D_Pref, 32 pairs per step (1,661 steps); the LR follows --loss
-add_training_args(parser, lr=None, epochs=1, batch_size=32, save_every=100)
+# PAPER.md §3: one epoch over D_Pref, 32 pairs per step (1,661 steps), a checkpoint every 200 steps (the authors'
+# recipe); the LR follows --loss
+add_training_args(parser, lr=None, epochs=1, batch_size=32, save_every=200)
 
 
 def resolve_objective(args):
@@ -318,9 +319,9 @@ def is_collapsing(history, record, args):
     """The paper's collapse signature: chosen and rejected LogPS both far below where the run started
     while the size of the update (per unit of learning rate, so warmup and decay do not trigger it)
     surges past its median so far. A warning, not a stop."""
-    if len(history) < 5:
+    if len(history) < 5 or record["lr"] == 0:  # the first step's LR is 0 (warmup from 0): no update to compare
         return False
-    start, per_lr = history[0], sorted(r["update_norm"] / r["lr"] for r in history)
+    start, per_lr = history[0], sorted(r["update_norm"] / r["lr"] for r in history if r["lr"] > 0)
     drop_w = start["chosen_logps_per_token"] - record["chosen_logps_per_token"]
     drop_l = start["rejected_logps_per_token"] - record["rejected_logps_per_token"]
     surge = record["update_norm"] / record["lr"] > args.collapse_surge * per_lr[len(per_lr) // 2]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import common
 import data
 import demo
+import redi
 from common import lr_at
 from sft import load_sft_examples
 
@@ -60,13 +61,28 @@ def naive_logps(lm, sequences):
 
 
 def test_warmup_then_linear_decay_to_zero():
-    # 20 steps: warmup = ceil(0.1 * 20) = 2 steps rising to the peak, then 18 steps falling towards 0
+    # 20 steps: warmup = ceil(0.1 * 20) = 2 steps rising from 0, the peak at step 2, then falling towards 0
     lrs = [lr_at(s, 20, 1.0) for s in range(20)]
-    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[:3] == [0.0, 0.5, 1.0]
     assert lrs[11] == pytest.approx(9 / 18) and lrs[19] == pytest.approx(1 / 18)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
     # 1,661 steps (PAPER.md §3): 167 warmup steps
-    assert lr_at(165, 1661, 1e-6) < 1e-6 and lr_at(166, 1661, 1e-6) == 1e-6
+    assert lr_at(166, 1661, 1e-6) < 1e-6 and lr_at(167, 1661, 1e-6) == 1e-6
+
+
+@pytest.mark.parametrize("total,frac", [(20, 0.1), (1661, 0.1), (3030, 0.1), (7, 0.1), (5, 0.5), (10, 0.0)])
+def test_schedule_is_transformers_linear_schedule_with_warmup(total, frac):
+    """The authors trained with the HF Trainer's linear schedule: warmup steps = ceil(ratio * total), and the LR
+    of optimiser step s (from 0) is peak * lambda(s). Compared here with transformers' own scheduler, stepped
+    as the Trainer steps it (the LR is read before each optimizer.step())."""
+    from transformers import get_linear_schedule_with_warmup
+    peak = 5e-5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(frac * total), total)
+    for s in range(total):
+        assert lr_at(s, total, peak, frac) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-20), s
+        opt.step()
+        sched.step()
 
 
 # -----------------------------------------------------------------------------
@@ -215,13 +231,38 @@ def test_eos_is_appended_unless_turned_off(tiny_model, sft_data, tmp_path):
     tok = demo.demo_tokenizer()
     with_eos = load_sft_examples(sft_data, tok, 10_000)
     without = load_sft_examples(sft_data, tok, 10_000, append_eos=False)
-    assert [(ids[:-1], n) for ids, n in with_eos] == without and {ids[-1] for ids, _ in with_eos} == {tok.eos_token_id}
+    assert [(ids[:-1], n) for ids, n, _ in with_eos] == [(ids, n) for ids, n, _ in without]
+    assert {ids[-1] for ids, _, _ in with_eos} == {tok.eos_token_id}
     sft(tiny_model, sft_data, tmp_path / "eos", "--stop-at-step", 1)
     sft(tiny_model, sft_data, tmp_path / "no_eos", "--stop-at-step", 1, "--no-append-eos")
     a, b = (read_jsonl(tmp_path / out / "metrics.jsonl")[0] for out in ("eos", "no_eos"))
     assert a["tokens"] == b["tokens"] + 8  # one EOS per sequence, batch 8
     assert [json.loads((tmp_path / out / "config.json").read_text())["append_eos"] for out in ("eos", "no_eos")] == \
         [True, False]
+
+
+def test_sft_keeps_the_eos_as_input_but_does_not_train_it(qwen_tokenizer, tmp_path):
+    """The authors' SFT collator drops the label of every pad token, and their pad token is the EOS: on the real
+    Qwen2.5 tokenizer, each SFT sequence keeps the appended <|endoftext|> as its last input token but trains one
+    response token fewer than stage 2 counts in |y| for the same trace; --train-eos trains it."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer)
+    rows = [{"problem": f"What is {a} + {a}?", "response": f"<think>\n{a} + {a} = {2 * a}\n</think>\n\\boxed{{{2 * a}}}"}
+            for a in (7, 123, 4096)]
+    sft_file = write_jsonl(tmp_path / "sft.jsonl", rows)
+    pref_file = write_jsonl(tmp_path / "pref.jsonl", [{"problem": r["problem"], "chosen": r["response"],
+                                                       "rejected": r["response"] + " no"} for r in rows])
+    default = load_sft_examples(sft_file, tok, 10_000)
+    trained = load_sft_examples(sft_file, tok, 10_000, train_eos=True)
+    pairs = redi.load_pairs(pref_file, tok, 800, 19_000)
+    for (ids, n_prompt, n_trained), (ids2, _, n_trained2), (prompt, chosen, _) in zip(default, trained, pairs):
+        assert ids == ids2 and ids[-1] == tok.convert_tokens_to_ids("<|endoftext|>") == 151643
+        assert ids[-3:-1] == tok.encode("<|im_end|>\n")  # the end of the turn stays trained
+        assert ids[n_prompt:] == chosen and n_trained == len(chosen) - 1 and n_trained2 == len(chosen)
+    packed, packed_all = data.pack(default), data.pack(trained)
+    assert packed.input_ids.equal(packed_all.input_ids)  # the same rows in, one target fewer per sequence
+    assert (packed_all.lengths - packed.lengths).tolist() == [1, 1, 1]
+    assert redi.pack_pairs(pairs).lengths.view(-1, 2)[:, 0].tolist() == [len(w) for _, w, _ in pairs]
 
 
 def test_context_window_overrides(tiny_model):
