@@ -54,7 +54,8 @@ def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT, ap
     (input_ids, n_prompt): the response is input_ids[n_prompt:], i.e. every token after the generation
     prompt, the closing <|im_end|> and what follows it included, then the tokenizer's EOS (PAPER.md §1's |y|).
     The EOS is appended because the authors' trainers (TRL 0.17's SFT and DPO) append it after the
-    templated conversation, so it is trained and counted (PAPER.md §1); append_eos=False leaves it off.
+    templated conversation (PAPER.md §1: stage 2 trains and counts it, SFT keeps it as input only, which
+    sft.py decides); append_eos=False leaves it off.
     Returns None for a conversation whose prompt tokens are not a prefix of its full tokens (a merge
     across the boundary): training on it would teach a split the model never sees when it generates."""
     if not problems:
@@ -183,17 +184,20 @@ class Packed(NamedTuple):
 
 
 def pack(sequences):
-    """sequences: list of (input_ids, n_prompt), the response being input_ids[n_prompt:]. Returns a Packed."""
+    """sequences: list of (input_ids, n_prompt), the response being input_ids[n_prompt:], or of (input_ids,
+    n_prompt, n_trained): only the first n_trained response tokens are targets, the rest stay in the row as
+    input (sft.py's untrained EOS). Returns a Packed."""
     ids, positions, pred_at, seq_of, lengths, bounds = [], [], [], [], [], []
-    for s, (tokens, n_prompt) in enumerate(sequences):
-        assert 1 <= n_prompt < len(tokens), "a sequence needs a prompt token and a response token"
+    for s, (tokens, n_prompt, *trained) in enumerate(sequences):
+        n_trained = trained[0] if trained else len(tokens) - n_prompt
+        assert 1 <= n_prompt and 1 <= n_trained <= len(tokens) - n_prompt, "a sequence needs a prompt and a target"
         start = len(ids)
         bounds.append(start)
         ids += tokens
         positions += range(len(tokens))
-        pred_at += range(start + n_prompt - 1, start + len(tokens) - 1)
-        seq_of += [s] * (len(tokens) - n_prompt)
-        lengths.append(len(tokens) - n_prompt)
+        pred_at += range(start + n_prompt - 1, start + n_prompt - 1 + n_trained)
+        seq_of += [s] * n_trained
+        lengths.append(n_trained)
     bounds = tuple(bounds) + (len(ids),)
     ids = torch.tensor([ids])
     pred_at = torch.tensor(pred_at)

@@ -22,12 +22,18 @@ parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base mode
 parser.add_argument("--data", required=True, help="sft.jsonl from `data.py prepare` (fields problem, response)")
 parser.add_argument("--max-length", type=int, default=32768,
                     help="longer sequences are cut to this many tokens (PAPER.md §2)")
+parser.add_argument("--train-eos", action="store_true",
+                    help="also train the EOS appended after each conversation. Off by default, as in the authors' "
+                         "SFT: their collator drops the label of every pad token, and their pad token is the EOS, so "
+                         "the EOS is in the input but never a target (PAPER.md §2). Stage 2 trains it either way")
 # PAPER.md §2: LR 5e-5, batch 128 sequences; 3 epochs = the paper's ablation start point, 5 = its final SFT model
 add_training_args(parser, lr=5e-5, epochs=3, batch_size=128, save_every=200)
 
 
-def load_sft_examples(path, tokenizer, max_length, append_eos=True):
-    """(input_ids, n_prompt) per usable row; rows whose prompt/response split is broken are skipped."""
+def load_sft_examples(path, tokenizer, max_length, append_eos=True, train_eos=False):
+    """(input_ids, n_prompt, n_trained) per usable row: the response is input_ids[n_prompt:], and its first
+    n_trained tokens are trained. Unless train_eos, a sequence that ends with the EOS keeps it as input without
+    training it (PAPER.md §2). Rows whose prompt/response split is broken are skipped."""
     rows = read_jsonl(path, ["problem", "response"])
     examples, broken, cut = [], 0, 0
     for i in range(0, len(rows), 1024):
@@ -40,8 +46,9 @@ def load_sft_examples(path, tokenizer, max_length, append_eos=True):
             ids, n_prompt = enc
             if len(ids) > max_length:
                 ids, cut = ids[:max_length], cut + 1
-            if n_prompt < len(ids):
-                examples.append((ids, n_prompt))
+            n_trained = len(ids) - n_prompt - (not train_eos and ids[-1] == tokenizer.eos_token_id)
+            if n_trained > 0:
+                examples.append((ids, n_prompt, n_trained))
             else:
                 broken += 1  # the prompt alone fills max_length: nothing to learn from
     print0(f"data: {len(rows):,} rows, {len(examples):,} used, {cut:,} cut to {max_length:,} tokens, "
@@ -74,8 +81,8 @@ def main():
     accumulation = accumulation_steps(args, world)
     tokenizer = load_tokenizer(args.model)
     check_chat_template(tokenizer, append_eos=args.append_eos)
-    examples = load_sft_examples(args.data, tokenizer, args.max_length, args.append_eos)
-    lengths = [len(ids) for ids, _ in examples]
+    examples = load_sft_examples(args.data, tokenizer, args.max_length, args.append_eos, args.train_eos)
+    lengths = [len(ids) for ids, *_ in examples]
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
         die(f"--data has {len(examples)} usable examples, fewer than one global batch of {args.batch_size}")
