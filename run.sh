@@ -107,8 +107,8 @@ RUN2=${RUN2:-redi}
 # the longest traces runs out of memory
 SFT_MICRO=${SFT_MICRO:-4}
 PAIR_MICRO=${PAIR_MICRO:-2}
-# Evaluation prompt: lighteval = the authors' user template and generation prompt, which the paper's
-# numbers come from (PAPER.md §4); bare = the training prompt
+# Final-evaluation prompt: lighteval = the authors' user template and their edited generation prompt
+# '<|im_start|>assistant<think>\n', which the paper's tables come from (PAPER.md §4); bare = the training prompt
 PROMPT=${PROMPT:-lighteval}
 SFT=$OUT/sft_${SFT_EPOCHS}ep     # e.g. runs/paper/sft_5ep
 S2=$OUT/sft_${SFT_EPOCHS}ep-$RUN2   # e.g. runs/paper/sft_5ep-redi
@@ -124,24 +124,28 @@ S2=$OUT/sft_${SFT_EPOCHS}ep-$RUN2   # e.g. runs/paper/sft_5ep-redi
         --micro-batch-size $SFT_MICRO --resume
 
 # Stage 2 from that SFT model: one epoch over D_Pref, 32 pairs per step (1,661 steps), a checkpoint
-# every 100 steps (the paper evaluates checkpoints and keeps the best)
+# every 200 steps as in the authors' recipe (the paper evaluates checkpoints and keeps the best)
 [ -e $S2/final ] || \
     torchrun --nproc_per_node $NGPU redi.py --model $SFT/final --data $OUT/data/pref.jsonl --out $S2 \
-        $STAGE2 --grad-checkpointing --micro-batch-size $PAIR_MICRO --save-every 100 --resume
+        $STAGE2 --grad-checkpointing --micro-batch-size $PAIR_MICRO --save-every 200 --resume
 
-# Intermediate evals (PAPER.md §4): MATH-500, 4 samples per problem, for the SFT model and every stage-2
-# checkpoint (an evaluation already done is not redone); the report marks each run's best checkpoint
+# Intermediate evals (PAPER.md §4), the ones that pick the best checkpoint, as the authors ran them (lighteval):
+# MATH-500, 4 samples per problem, lighteval's user template with the checkpoint's own generation prompt (no
+# forced <think>), the answer taken from the whole response (no </think> rule). For the SFT model and every
+# stage-2 checkpoint; an evaluation already done is not redone. The report marks each run's best checkpoint
 # and links RUN/best to it
+INTERMEDIATE="--benchmark math500 --samples 4 --prompt lighteval --no-think-prefix --answer-from whole"
 SFT_CKPT=$(readlink -f $SFT/final)
-torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT --benchmark math500 --samples 4 --prompt $PROMPT \
-    --out $SFT/eval/$(basename $SFT_CKPT)
+torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT $INTERMEDIATE --out $SFT/eval/$(basename $SFT_CKPT)
 for CKPT in $S2/ckpt/step_*; do
-    torchrun --nproc_per_node $NGPU eval.py --model $CKPT --benchmark math500 --samples 4 --prompt $PROMPT \
-        --out $S2/eval/$(basename $CKPT)
+    torchrun --nproc_per_node $NGPU eval.py --model $CKPT $INTERMEDIATE --out $S2/eval/$(basename $CKPT)
 done
 python eval.py report $SFT $S2 --out $S2
 
-# Final evals (PAPER.md §4) of the best checkpoint: five benchmarks, 16 samples, pass@1 +- SEM and pass@16
+# Final evals (PAPER.md §4), the numbers of the paper's tables: five benchmarks, 16 samples, pass@1 +- SEM and
+# pass@16, with the forced <think> and the answer after the first </think>; for the SFT model (its rows of
+# Tables 1-2) and the best stage-2 checkpoint
+FINAL="--benchmark math500 aime24 amc23 minerva olympiadbench --samples 16 --prompt $PROMPT"
+torchrun --nproc_per_node $NGPU eval.py --model $SFT_CKPT $FINAL --out $SFT/eval_final/$(basename $SFT_CKPT)
 BEST=$(readlink -f $S2/best)
-torchrun --nproc_per_node $NGPU eval.py --model $BEST --benchmark math500 aime24 amc23 minerva olympiadbench \
-    --samples 16 --prompt $PROMPT --out $S2/eval_final/$(basename $BEST)
+torchrun --nproc_per_node $NGPU eval.py --model $BEST $FINAL --out $S2/eval_final/$(basename $BEST)

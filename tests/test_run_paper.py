@@ -63,17 +63,24 @@ def test_paper_recipe_runs_sft_3ep_on_its_own_and_evaluates_the_best_checkpoint(
 
     # The default: the paper's final model, REDI from SFT-5ep.
     calls = run_paper(tmp_path)
-    assert [script for script, _ in calls] == ["sft.py", "redi.py"] + ["eval.py"] * 5
+    assert [script for script, _ in calls] == ["sft.py", "redi.py"] + ["eval.py"] * 6
     sft, redi = calls[0][1], calls[1][1]
     assert (flag(sft, "--epochs"), flag(sft, "--out")) == ("5", str(paper / "sft_5ep"))
     assert flag(redi, "--model") == str(paper / "sft_5ep/final") and flag(redi, "--alpha") == "0.8"
+    assert flag(redi, "--save-every") == "200"  # the authors' save_steps
     # 8 GPUs: a rank's 16 SFT sequences as 4 rows of 4, its 4 pairs as 2 rows of 2
     assert (flag(sft, "--micro-batch-size"), flag(redi, "--micro-batch-size")) == ("4", "2")
-    for _, args in calls[2:]:  # every evaluation uses the authors' prompt
-        assert flag(args, "--prompt") == "lighteval"
-    final = calls[-1][1]
-    assert flag(final, "--samples") == "16" and "aime24" in final
-    assert flag(final, "--model") == str(paper / "sft_5ep-redi/ckpt/step_000200")  # the best, not the last (300)
+    intermediate, final = [args for _, args in calls[2:6]], [args for _, args in calls[6:]]
+    for args in intermediate:  # checkpoint selection as the authors' lighteval runs: no forced <think>, whole response
+        assert (flag(args, "--benchmark"), flag(args, "--samples"), flag(args, "--prompt")) == ("math500", "4", "lighteval")
+        assert "--no-think-prefix" in args and flag(args, "--answer-from") == "whole"
+    assert [flag(args, "--model") for args in intermediate] == \
+        [str(paper / "sft_5ep/ckpt/step_000010")] + [str(paper / f"sft_5ep-redi/ckpt/step_{s:06d}") for s in (100, 200, 300)]
+    for args in final:  # the tables' numbers: five benchmarks x 16, the forced <think> and the </think> rule
+        assert flag(args, "--samples") == "16" and "aime24" in args and flag(args, "--prompt") == "lighteval"
+        assert "--no-think-prefix" not in args and "--answer-from" not in args
+    assert flag(final[0], "--model") == str(paper / "sft_5ep/ckpt/step_000010")  # the SFT model's rows
+    assert flag(final[1], "--model") == str(paper / "sft_5ep-redi/ckpt/step_000200")  # the best, not the last (300)
     report = json.loads((paper / "sft_5ep-redi/report.json").read_text())
     assert report[1]["best"]["step"] == 200
 
@@ -83,7 +90,8 @@ def test_paper_recipe_runs_sft_3ep_on_its_own_and_evaluates_the_best_checkpoint(
     assert (flag(sft, "--epochs"), flag(sft, "--out")) == ("3", str(paper / "sft_3ep"))
     assert flag(dpo, "--model") == str(paper / "sft_3ep/final") and flag(dpo, "--out") == str(paper / "sft_3ep-dpo")
     assert (flag(dpo, "--loss"), flag(dpo, "--beta"), flag(dpo, "--lr")) == ("dpo", "0.001", "2e-7")
+    assert flag(calls[-2][1], "--model") == str(paper / "sft_3ep/ckpt/step_000010")  # SFT-3ep's own rows
     assert flag(calls[-1][1], "--model") == str(paper / "sft_3ep-dpo/ckpt/step_000200")
 
     # Run again: both trainings are done, so only the evaluations (which skip finished samples) run.
-    assert [script for script, _ in run_paper(tmp_path)] == ["eval.py"] * 5
+    assert [script for script, _ in run_paper(tmp_path)] == ["eval.py"] * 6
