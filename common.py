@@ -6,12 +6,14 @@ machinery (hand-written backwards, packed attention, the update norm from AdamW'
 --plain the scripts run without it, and token_logps below is the definition of the log-probs that both paths
 compute.
 """
+import argparse
 import json
 import math
 import os
 import random
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -199,7 +202,7 @@ def load_model(path, max_position_embeddings=None, rope_theta=None, attn_impleme
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or damaged .safetensors file
         die(f"--model {path!r}: could not load the weights ({e.__class__.__name__}: {e})")
     if not hasattr(getattr(model, "model", None), "layers"):
         die(f"--model {path!r} is a {type(model).__name__}, whose decoder layers are not at model.model.layers")
@@ -253,8 +256,12 @@ class TokenLogprobs(nn.Module):
 
 def sequence_logps(model, batch):
     """lp(y) of each sequence of a packed batch: the sum of log pi(y_t | x, y_<t) over its response tokens. (S,)"""
-    logps = model(*batch.model_inputs)  # (R,)
-    return logps.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, logps)  # (S,)
+    return sequence_sums(model(*batch.model_inputs), batch)  # (R,) -> (S,)
+
+
+def sequence_sums(values, batch):
+    """Per-token values of a packed batch's response tokens (R,), summed over each sequence: (S,)."""
+    return values.new_zeros(batch.lengths.shape[0]).index_add_(0, batch.seq_of, values)
 
 
 def shard_model(lm, device, chunk_size=256, grad_checkpointing=False, compile=False, plain=False):
@@ -377,13 +384,44 @@ def to_host(stats, device):
 # what both training stages share: flags, set-up, the end of a step
 
 
+def checked(kind, ok, words):
+    """An argparse type: kind(text), kept when ok(value). Anything else stops the script before any work with
+    argparse's one line, "argument --x: expected WORDS, got 'TEXT'" (exit 2). NaN fails every check below."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+nonnegative = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+finite = checked(float, math.isfinite, "a finite number")
+fraction = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+# The settings --resume may change: they change how a step is computed (or when it is saved, or what is warned
+# about), not what it computes, beyond rounding. Every other setting must equal the run's config.json. The last
+# three are redi.py's: where the reference log-probs are cached, and the collapse warning's thresholds.
+FREE_ON_RESUME = ("out", "resume", "micro_batch_size", "grad_checkpointing", "compile", "logprob_chunk", "plain",
+                  "attn_implementation", "save_every", "stop_at_step", "keep_last", "trust_remote_code",
+                  "ref_cache", "collapse_drop", "collapse_surge")
+
+
 def add_training_args(parser, *, lr, epochs, batch_size, save_every):
     """The flags sft.py and redi.py share. Each stage passes its own paper defaults (PAPER.md §2, PAPER.md §3)."""
     g = parser.add_argument_group("model")
     g.add_argument("--out", required=True, help="output folder: config.json, metrics.jsonl, ckpt/step_N")
-    g.add_argument("--max-position-embeddings", type=int, default=None,
+    g.add_argument("--max-position-embeddings", type=positive_int, default=None,
                    help="override the config's context window (authors: 32768 for Qwen2.5-Math, PAPER.md §2)")
-    g.add_argument("--rope-theta", type=float, default=None, help="override RoPE theta (authors: 300000, PAPER.md §2)")
+    g.add_argument("--rope-theta", type=positive, default=None,
+                   help="override RoPE theta (authors: 300000, PAPER.md §2)")
     g.add_argument("--attn-implementation", default=None,
                    help="packed_sdpa (default; fast.py): SDPA's causal kernel on each packed sequence in turn, no "
                         "mask; flash_attention_2 (needs the flash-attn package): its variable-length kernel; sdpa "
@@ -394,19 +432,20 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
                    "EOS after each conversation (the authors' TRL trainers do; stage 2 trains it and counts it in "
                    "|y|, SFT keeps it untrained unless --train-eos: PAPER.md §1)")
     g = parser.add_argument_group("optimisation (AdamW, PAPER.md §2)")
-    g.add_argument("--lr", type=float, default=lr,
+    g.add_argument("--lr", type=nonnegative, default=lr,
                    help="peak learning rate (default: %(default)s)" if lr else "peak learning rate (default: see --loss)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-frac", type=float, default=0.1, help="linear warmup over this share of the steps, then linear decay to 0")
-    g.add_argument("--epochs", type=int, default=epochs, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    g.add_argument("--weight-decay", type=nonnegative, default=1e-4)
+    g.add_argument("--warmup-frac", type=fraction, default=0.1,
+                   help="linear warmup over this share of the steps, then linear decay to 0")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help="global batch = micro-batch x accumulation x ranks (default: %(default)s)")
-    g.add_argument("--micro-batch-size", type=int, default=1, help="examples per forward on one rank")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (authors' framework default)")
-    g.add_argument("--seed", type=int, default=0, help="data order")
+    g.add_argument("--micro-batch-size", type=positive_int, default=1, help="examples per forward on one rank")
+    g.add_argument("--max-grad-norm", type=positive, default=1.0, help="gradient clipping (authors' framework default)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="data order")
     g = parser.add_argument_group("memory")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward")
-    g.add_argument("--logprob-chunk", type=int, default=256,
+    g.add_argument("--logprob-chunk", type=positive_int, default=256,
                    help="tokens per LM-head chunk: 256 x 151,936 fp32 logits are 156 MB, one chunk held at a time "
                         "(tools/bench.py redi_ii on CPU: 1,024 peaked 0.4 GB higher; on a GPU larger chunks mean fewer "
                         "launches). Not used with --plain, which takes a micro-batch's response tokens at once")
@@ -422,16 +461,24 @@ def add_training_args(parser, *, lr, epochs, batch_size, save_every):
                    help="torch.compile each decoder layer (the first step compiles, and again for each new count of "
                         "sequences in a row). Off: not yet measured faster on a GPU (README, Speed and memory)")
     g = parser.add_argument_group("checkpoints")
-    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N optimiser steps and at the end")
-    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    g.add_argument("--stop-at-step", type=int, default=None,
+    g.add_argument("--save-every", type=positive_int, default=save_every,
+                   help="checkpoint every N optimiser steps and at the end (and when SIGTERM stops the run)")
+    g.add_argument("--stop-at-step", type=positive_int, default=None,
                    help="checkpoint and exit after this step, schedule unchanged (time-limited jobs)")
+    g.add_argument("--keep-last", type=positive_int, default=None,
+                   help="after each checkpoint, delete all but the newest N (default: keep all); never the ones "
+                        "OUT/final and OUT/best link to")
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    free = ", ".join(flags[k] for k in FREE_ON_RESUME if k in flags and k not in ("out", "resume"))
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in --out (a damaged one is skipped, with a note). "
+                        "Every setting that defines the run's numbers must equal its config.json, or the run stops "
+                        "before any work; these may differ: " + free + ". A longer schedule cannot extend a run: "
+                        "the LR schedule depends on the total steps")
 
 
 def accumulation_steps(args, world_size):
-    """Checked before any work, with --out: micro-batches x accumulation x ranks must make the global batch."""
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        die(f"--out {args.out!r} is a file; expected a folder for the run (it is created if missing)")
+    """Checked before any work: micro-batches x accumulation x ranks must make the global batch."""
     accumulation, rem = divmod(args.batch_size, args.micro_batch_size * world_size)
     if rem or accumulation == 0:
         die(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size} "
@@ -454,42 +501,159 @@ def build_model(args, device):
     return model, make_optimizer(model, args.lr, args.weight_decay), n_params
 
 
-def start_run(args, model, optimizer):
-    """Restores the newest complete checkpoint when --resume finds one; saves the resolved config.
-    Returns (first step to run, Metrics)."""
-    ckpt = latest_checkpoint(args.out) if args.resume else None
+def open_run_folder(args, parser):
+    """--out, checked on every rank before any work: it and OUT/ckpt must be folders that can be written (they are
+    created here, and a probe file written and removed, so a read-only place stops now, not at the first
+    checkpoint). A run already there (logged steps or checkpoints) continues only with --resume, so its history is
+    never cut by a rerun; and only with the settings that define its numbers. From here Ctrl-C stops at once with one
+    line naming the latest checkpoint (exit 130)."""
+    out = Path(args.out)
+    _check_writable(out, args.out)
+    _check_writable(out / "ckpt", args.out)
+    signal.signal(signal.SIGINT, lambda signum, frame: _interrupted(out))
+    checkpoints = _checkpoints(out)
+    logged = sum(1 for line in (out / "metrics.jsonl").open("rb") if line.strip()) \
+        if (out / "metrics.jsonl").is_file() else 0
+    if not args.resume and (checkpoints or logged):
+        held = f"{logged} logged steps" + (f", checkpoints up to {checkpoints[-1].name}" if checkpoints else "")
+        die(f"--out {args.out!r} holds a run ({held}); add --resume to continue it, or use a new --out")
+    if args.resume and checkpoints:
+        _check_same_settings(args, parser, out, checkpoints[-1])
+
+
+def _check_writable(folder, out):
+    """folder (--out or OUT/ckpt) exists after this, as a folder that can be written; or the run stops."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the folder, or where it will be made
+    if existing == folder and not folder.is_dir():
+        die(f"--out {out!r} is a file; expected a folder for the run (it is created if missing)" if folder == Path(out)
+            else f"--out {out!r} holds a file named {folder.name!r}; expected a folder of checkpoints there")
+    if not existing.is_dir():
+        die(f"--out {out!r} is under {str(existing)!r}, which is a file; expected a folder path")
+    probe = folder / f".write_probe.rank{dist.get_rank()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"--out {out!r}: {str(folder)!r} cannot be written ({e.strerror or e}); pick another --out")
+
+
+def _check_same_settings(args, parser, out, newest):
+    """--resume with a checkpoint: every setting outside FREE_ON_RESUME must equal the run's config.json (or, without
+    one, the newest checkpoint's run_config.json). A setting that the file predates is not compared."""
+    path = out / "config.json" if (out / "config.json").is_file() else newest / "run_config.json"
+    if not path.is_file():
+        print0(f"note: --resume: {out} has no config.json; the settings cannot be compared with the run's")
+        return
+    old = read_json(path, "--resume's", "the config.json its run wrote")
+    if not isinstance(old, dict):
+        die(f"{path} is {JSON_TYPES.get(type(old))}, not an object; expected the config.json its run wrote")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    changed = [_describe(actions[k], v, old[k]) for k, v in vars(args).items()
+               if k in actions and k in old and k not in FREE_ON_RESUME and not _same(k, v, old[k])]
+    if changed:
+        die(f"--resume: the run in {str(out)!r} was made with other settings: {'; '.join(changed)}; they define its "
+            "numbers (a longer schedule cannot extend a run either: the LR schedule depends on the total steps), so "
+            "resume with the run's settings or use a new --out")
+
+
+def _same(key, new, old):
+    if new == old:
+        return True
+    if key in ("model", "data") and isinstance(old, str) and Path(new).exists() and Path(old).exists():
+        return Path(new).resolve() == Path(old).resolve()  # one folder or file, named two ways
+    return False
+
+
+def _describe(action, new, old):
+    """A setting that differs from the run's, in words: "--epochs 5 (the run has 3)"."""
+    flag = action.option_strings[0]
+    if isinstance(action.const, bool):  # a switch: --train-eos, --no-append-eos
+        return f"{flag} (the run ran without it)" if new == action.const else f"no {flag} (the run ran with it)"
+    return f"{flag} {'unset' if new is None else new} (the run has {'unset' if old is None else old})"
+
+
+def _interrupted(out):
+    """Ctrl-C: one line, no traceback, exit 130 (128 + SIGINT) at once. A checkpoint being written stays a .tmp
+    folder, which --resume never picks."""
+    ckpt = latest_checkpoint(out)
+    print0(f"interrupted (Ctrl-C); latest checkpoint: {ckpt}, which the same command with --resume continues from"
+           if ckpt else "interrupted (Ctrl-C); no checkpoint yet")
+    os._exit(130)
+
+
+_sigterm = False  # set by SIGTERM, a scheduler's notice of preemption; read at the end of each step
+
+
+def _on_sigterm(signum, frame):
+    global _sigterm
+    _sigterm = True
+
+
+def preempted():
+    """True on every rank when any rank has had SIGTERM. torchrun forwards the signal to every rank, but a scheduler
+    may reach only some: with several ranks this is one extra collective per step (a MAX over one number), after
+    the step's wait on the device, so that they all stop at the same step."""
+    if dist.get_world_size() == 1:
+        return _sigterm
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flag = torch.tensor([float(_sigterm)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def start_run(args, model, optimizer, total_steps):
+    """Restores the newest usable checkpoint when --resume finds one; saves the resolved config. A run resumed
+    after its last step is complete: OUT/final is made again if it is gone. From here SIGTERM stops the run at the
+    end of the current step, with a checkpoint (end_step). Returns (first step to run, Metrics)."""
+    start_step, ckpt = _restore(model, optimizer, args.out) if args.resume else (0, None)
     if args.resume and ckpt is None:
         print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting from --model")
-    start_step = _restore(model, optimizer, ckpt) if ckpt else 0
-    if ckpt:
-        print0(f"resuming after step {start_step} from {ckpt}")
+    elif ckpt:
+        print0(f"resuming after step {start_step} of {total_steps} from {ckpt}")
+    if start_step > total_steps:
+        die(f"--resume: {ckpt} is at step {start_step}, past this schedule's {total_steps} steps; has --data changed "
+            "since the run started? Use a new --out")
     if dist.get_rank() == 0:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        write_atomically(Path(args.out) / "config.json", json.dumps(vars(args), indent=2) + "\n")
+        if ckpt and start_step == total_steps:
+            _link(Path(args.out) / "final", ckpt.relative_to(args.out))
+            print0(f"the run is complete: {args.out}/final -> {ckpt}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return start_step, Metrics(args.out, start_step)
 
 
 def end_step(args, step, total_steps, record, line, model, optimizer, tokenizer, metrics):
-    """Log the step (rank 0), checkpoint every --save-every steps and at the end. Returns True when the
-    run should stop here (last step, or --stop-at-step)."""
+    """Log the step (rank 0), checkpoint every --save-every steps, at the end, and when SIGTERM has asked the run to
+    stop (it then exits with status 143). Returns True when the run should stop here (last step, or --stop-at-step)."""
     metrics.log(record)
     print0(line)
     done = step == total_steps or step == args.stop_at_step
-    if step % args.save_every == 0 or done:
+    stop = not done and preempted()
+    if step % args.save_every == 0 or done or stop:
         path = save_checkpoint(model, optimizer, tokenizer, args, args.out, step)
         print0(f"saved {path}")
         if step == total_steps and dist.get_rank() == 0:  # OUT/final -> the last checkpoint, for the next stage
-            final = Path(args.out) / "final"
-            final.unlink(missing_ok=True)
-            final.symlink_to(path.relative_to(args.out))
+            _link(Path(args.out) / "final", path.relative_to(args.out))
+        if args.keep_last and dist.get_rank() == 0:
+            prune_checkpoints(args.out, args.keep_last)
+    if stop:
+        print0(f"stopped by SIGTERM after step {step} of {total_steps}, checkpoint {path} saved; the same command "
+               "with --resume continues from it")
+        cleanup()
+        raise SystemExit(143)  # 128 + SIGTERM, as a shell reports a process the signal ended
     return done
 
 
-def check_finite(loss, step, out_dir):
-    if not math.isfinite(loss):
-        die(f"the loss is {loss} at step {step}; stopping before any checkpoint of this step is written, so none is "
-            f"corrupted (latest good checkpoint: {latest_checkpoint(out_dir) or 'none'}). "
-            "Lower the learning rate or check the data.")
+def check_finite(stats, step, out_dir):
+    """Stop before a step is logged or saved when its loss, gradient norm or update norm is not finite: the update
+    may have made the weights NaN already, and no checkpoint may hold them. The three are on the host after the
+    step's one wait, so checking costs nothing."""
+    for name, words in (("loss", "the loss"), ("grad_norm", "the gradient norm"), ("update_norm", "the update norm")):
+        if not math.isfinite(stats[name]):
+            die(f"{words} is {stats[name]} at step {step}; stopped before this step is logged or saved (latest "
+                f"checkpoint, finite: {latest_checkpoint(out_dir) or 'none'}): lower the learning rate or check the "
+                "data")
 
 
 class Metrics:
@@ -498,7 +662,8 @@ class Metrics:
 
     def __init__(self, out_dir, resume_step=0):
         self.path = Path(out_dir) / "metrics.jsonl"
-        if dist.get_rank() != 0:
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if not self.rank0:
             return
         kept = []
         if resume_step and self.path.exists():
@@ -508,12 +673,14 @@ class Metrics:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):  # cut short by the crash being resumed from
                     print0(f"note: dropped a damaged line of {self.path} (past the checkpoint, written during a crash?)")
-        self.path.write_text("".join(l + "\n" for l in kept))
+        write_atomically(self.path, "".join(l + "\n" for l in kept))  # Ctrl-C mid-write leaves the old file whole
 
     def log(self, record):
-        if dist.get_rank() == 0:
+        if self.rank0:
+            # strict JSON: a number that is not finite is written as null (NaN and Infinity are no JSON values)
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 class StepTimer:
@@ -557,6 +724,14 @@ def save_checkpoint(model, optimizer, tokenizer, args, out_dir, step):
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())
     final = Path(out_dir) / "ckpt" / f"step_{step:06d}"
+    # A checkpoint is finite. check_finite stops a run before a non-finite step gets here; this is the second line of
+    # defence, one pass over the gathered CPU tensors on rank 0 (cheap next to writing them), its verdict sent to all
+    not_finite = [[k.removeprefix("lm.") for k, v in weights.items() if not torch.isfinite(v).all()]
+                  if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(not_finite, src=0)
+    if not_finite[0]:
+        die(f"not writing checkpoint {final}: {len(not_finite[0])} tensors hold non-finite values ({not_finite[0][0]} "
+            f"first); latest checkpoint, finite: {latest_checkpoint(out_dir) or 'none'}")
     if dist.get_rank() == 0:
         lm = model.lm
         tmp = final.with_name(final.name + ".tmp")
@@ -565,7 +740,7 @@ def save_checkpoint(model, optimizer, tokenizer, args, out_dir, step):
         weights = {k.removeprefix("lm."): v.contiguous() for k, v in weights.items()}
         if lm.config.tie_word_embeddings:  # the head is the embedding matrix; safetensors stores it once
             weights.pop("lm_head.weight", None)
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})  # written 0600: made readable below
         lm.config.dtype = next(iter(weights.values())).dtype
         lm.config.save_pretrained(tmp)
         if lm.generation_config is not None:
@@ -573,31 +748,101 @@ def save_checkpoint(model, optimizer, tokenizer, args, out_dir, step):
         tokenizer.save_pretrained(tmp)
         (tmp / "run_config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         torch.save({"step": step, "optimizer": optim_state, "rng": rngs}, tmp / "train_state.pt")
+        for name in ("model.safetensors", "train_state.pt"):  # as readable as the other files: 0666 minus the umask
+            os.chmod(tmp / name, 0o666 & ~_umask())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     dist.barrier()
     return final
 
 
+def _umask():
+    """The process's umask: reading it means setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path, text):
+    """Write under a .tmp name, then rename: a crash or Ctrl-C mid-write leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _link(link, target):
+    """link -> target, replacing what link was, never leaving it missing."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def _checkpoints(out_dir):
+    """The checkpoint folders under OUT/ckpt, oldest first; .tmp folders are being written (or were, at a crash)."""
+    return sorted(p for p in (Path(out_dir) / "ckpt").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def latest_checkpoint(out_dir):
-    """The newest complete checkpoint folder under OUT/ckpt, or None. .tmp folders are incomplete."""
-    found = sorted(p for p in (Path(out_dir) / "ckpt").glob("step_*")
-                   if p.is_dir() and not p.name.endswith(".tmp") and (p / "train_state.pt").exists())
+    """The newest complete checkpoint folder under OUT/ckpt, or None."""
+    found = [p for p in _checkpoints(out_dir) if (p / "train_state.pt").exists()]
     return found[-1] if found else None
 
 
-def _restore(model, optimizer, ckpt):
-    """Weights, optimiser and this rank's RNG from a checkpoint: rank 0 reads the files, then the
-    tensors are broadcast and each rank keeps its shards. Returns the checkpoint's step."""
+def prune_checkpoints(out_dir, keep_last):
+    """--keep-last: delete all checkpoints but the newest keep_last, never one that OUT/final or OUT/best (report.py's
+    link to the best evaluated checkpoint) points to. Rank 0."""
+    out = Path(out_dir)
+    linked = {(out / name).resolve() for name in ("final", "best") if (out / name).is_symlink()}
+    for ckpt in _checkpoints(out)[:-keep_last]:
+        if ckpt.resolve() not in linked:
+            shutil.rmtree(ckpt)
+            print0(f"removed {ckpt} (--keep-last {keep_last})")
+
+
+def _read_checkpoint(ckpt):
+    """Rank 0: ((weights, train state), None) of a checkpoint folder, or (None, what is wrong with it) when a file is
+    damaged (a copy cut short, a bad disk) or the weights are not finite (written before checkpoints were checked)."""
     from safetensors.torch import load_file
-    weights, state = {}, {}
-    if dist.get_rank() == 0:
-        weights = {"lm." + k: v for k, v in load_file(ckpt / "model.safetensors").items()}
-        if model.lm.config.tie_word_embeddings:
-            weights["lm.lm_head.weight"] = weights["lm.model.embed_tokens.weight"]
+    try:
+        weights = load_file(ckpt / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        return None, f"its model.safetensors cannot be read ({e})"
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        return None, f"its weights are not finite ({bad[0]})"
+    try:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
-    header = [{"step": state.get("step"), "rng": state.get("rng")}]
+    except Exception as e:  # a damaged pickle or zip raises many kinds (EOFError, RuntimeError, UnpicklingError, ...)
+        return None, f"its train_state.pt cannot be read ({e.__class__.__name__}: {e})"
+    if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= state.keys():
+        return None, "its train_state.pt holds no step, optimizer and rng"
+    return (weights, state), None
+
+
+def _restore(model, optimizer, out_dir):
+    """Weights, optimiser and this rank's RNG from the newest usable checkpoint: rank 0 reads the files, newest first,
+    skipping with a note one that cannot be read; then the tensors are broadcast and each rank keeps its shards.
+    Returns (its step, its folder), or (0, None) when there is no checkpoint; stops when none can be read."""
+    weights, state, chosen, found = {}, {}, None, []
+    if dist.get_rank() == 0:
+        found = [p for p in _checkpoints(out_dir) if (p / "train_state.pt").exists()]
+        for ckpt in reversed(found):
+            read, wrong = _read_checkpoint(ckpt)
+            if read:
+                (weights, state), chosen = read, ckpt
+                break
+            print0(f"note: --resume skips {ckpt}: {wrong}")
+        weights = {"lm." + k: v for k, v in weights.items()}
+        if weights and model.lm.config.tie_word_embeddings:
+            weights["lm.lm_head.weight"] = weights["lm.model.embed_tokens.weight"]
+    header = [{"step": state.get("step"), "rng": state.get("rng"), "ckpt": chosen, "found": len(found)}]
     dist.broadcast_object_list(header, src=0)
+    if header[0]["ckpt"] is None:
+        if header[0]["found"]:
+            die(f"--resume: none of the {header[0]['found']} checkpoints in {Path(out_dir) / 'ckpt'} can be read (see "
+                "the notes above); start again in a new --out")
+        return 0, None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
@@ -607,4 +852,4 @@ def _restore(model, optimizer, ckpt):
     else:
         print0(f"note: checkpoint was written by {len(rngs)} ranks, this run has {dist.get_world_size()}; "
                "RNG states not restored (training itself draws no random numbers)")
-    return header[0]["step"]
+    return header[0]["step"], header[0]["ckpt"]

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common import JSON_TYPES, TOKENIZER_FILES, bad_fields, check_model_path, decode_line, die, read_json_lines
+from common import (JSON_TYPES, TOKENIZER_FILES, bad_fields, check_model_path, checked, decode_line, die, positive_int,
+                    read_json_lines)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # PAPER.md §1
 LABELS = {  # PAPER.md §1: correct = Llama judge AND Math-Verify; which Math-Verify column is a choice
@@ -72,6 +73,27 @@ def encode_chats(tokenizer, problems, responses, system_prompt=SYSTEM_PROMPT, ap
         ok = full.startswith(prompt) and f_ids[:len(p_ids)] == p_ids
         out.append((f_ids, len(p_ids)) if ok else None)
     return out
+
+
+CUT_MARGIN = 64  # tokens beyond the limit that a text cut by characters keeps (cut_texts)
+
+
+def max_token_chars(tokenizer):
+    """L, the most characters one token covers: the longest string in the vocabulary, added tokens included. A
+    byte-level BPE writes each byte as one character of its vocabulary, so a token covers at most L bytes, hence
+    at most L characters: a text of n characters is at least n / L tokens."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def cut_texts(texts, max_tokens, max_chars_per_token):
+    """Each text cut to (max_tokens + CUT_MARGIN) * L characters (L: max_token_chars) before it is tokenised, for a
+    caller that keeps at most its first max_tokens tokens: one huge row (a 50 MB response) is then never tokenised
+    whole just to be cut. The cut text has at least max_tokens + CUT_MARGIN tokens, and its first max_tokens are
+    the whole text's: only tokens at the cut may differ. Not for a text whose end is kept (redi.py's prompts): a
+    byte-pair encoder splits a long run (of spaces, say) into tokens from its left end, so cutting the start can
+    change every token of the run up to the end."""
+    n = (max_tokens + CUT_MARGIN) * max_chars_per_token
+    return [t[:n] for t in texts]
 
 
 def authors_lengths(tokenizer, role, texts):
@@ -279,38 +301,44 @@ def open_corpus(src, split, flag="--input"):
     return ds, set(ds.column_names), "it has no column"
 
 
+MALFORMED = ("bad_json", "missing_field", "mistyped_field", "label_length_mismatch")  # bad input, not PAPER.md's rules
+
+
 def check_row(row, label, validity_filter):
-    """The reason to skip a raw row, or None. Bad input first, then PAPER.md §1's rules in order. The authors
-    skip a row for no problem, no generations, labels of another length or labels that are not
-    booleans, and for nothing else: an empty generation is judged by its labels like any other
-    (PAPER.md §1), and a null one is an empty one."""
+    """(The reason to skip a raw row, what is wrong with it in words when the reason is bad input (MALFORMED), else
+    None), or None to keep it. Bad input first, then PAPER.md §1's rules in order. The authors skip a row for no
+    problem, no generations, labels of another length or labels that are not booleans, and for nothing else: an
+    empty generation is judged by its labels like any other (PAPER.md §1), and a null one is an empty one."""
     if not isinstance(row, dict):
-        return "bad_json"
+        return "bad_json", f"is {JSON_TYPES.get(type(row), 'not an object')}, not an object"
     for field in REQUIRED + (("problem_is_valid",) if validity_filter else ()):
         if row.get(field) is None:
-            return "missing_field"
-    if not (isinstance(row["problem"], str) and isinstance(row["source"], str)
-            and isinstance(row["generations"], list) and isinstance(row["correctness"], dict)
-            and all(g is None or isinstance(g, str) for g in row["generations"])):
-        return "mistyped_field"
-    if validity_filter and not isinstance(row["problem_is_valid"], str):
-        return "mistyped_field"
+            return "missing_field", f"has {field!r} = null" if field in row else f"lacks the field {field!r}"
+    types = [("problem", str, "a string"), ("source", str, "a string"), ("generations", list, "a list"),
+             ("correctness", dict, "an object")] + ([("problem_is_valid", str, "a string")] if validity_filter else [])
+    for field, kind, words in types:
+        if not isinstance(row[field], kind):
+            return "mistyped_field", f"has {field!r} = {json.dumps(row[field], default=str)[:40]}, not {words}"
+    if not all(g is None or isinstance(g, str) for g in row["generations"]):
+        return "mistyped_field", "has an item of 'generations' that is not a string or null"
     for column in ("llama_verification", label):
-        labels = row["correctness"].get(column)
+        labels, name = row["correctness"].get(column), f"correctness.{column}"
         if labels is None:
-            return "missing_field"
+            return "missing_field", f"lacks the field {name!r} (or it is null)"
         if not isinstance(labels, list) or not all(v is None or isinstance(v, bool) for v in labels):
-            return "mistyped_field"
+            return "mistyped_field", f"has {name!r} = {json.dumps(labels, default=str)[:40]}, not a list of " \
+                                     "true, false or null"
         if len(labels) != len(row["generations"]):
-            return "label_length_mismatch"
+            return "label_length_mismatch", f"has {len(labels)} labels in {name!r} for {len(row['generations'])} " \
+                                            "generations"
     if not row["problem"].strip():
-        return "empty_problem"
+        return "empty_problem", None
     if not row["generations"]:
-        return "no_generations"
+        return "no_generations", None
     if row["source"] == "cn_k12":
-        return "cn_k12"
+        return "cn_k12", None
     if validity_filter and row["problem_is_valid"].strip().lower() != "yes":
-        return "invalid_problem"
+        return "invalid_problem", None
     return None
 
 
@@ -345,6 +373,7 @@ def prepare(args):
         corpus = corpus.select_columns([c for c in required + ("answer",) if c in columns])
     tokenizer = load_tokenizer(args.tokenizer)
     check_chat_template(tokenizer, append_eos=args.length_count == "trained")
+    chars = max_token_chars(tokenizer)
 
     # Authors' code shuffles with seed 42 before selecting; this is the order datasets.shuffle(seed) gives.
     order = np.random.default_rng(args.seed).permutation(len(corpus)) if args.seed >= 0 else range(len(corpus))
@@ -353,10 +382,23 @@ def prepare(args):
     n_sft = n_pref = 0
     pending = []  # candidate triplets, tokenised in blocks
     sft_tmp, pref_tmp = out / "sft.jsonl.tmp", out / "pref.jsonl.tmp"
+    first_malformed = None  # (row index, what is wrong): the malformed row that comes first in the file
     t0 = time.time()
 
     def flush_pairs(f):
         nonlocal n_pref
+        # A text of more than limit x L characters is more than limit tokens by any count (max_token_chars): such a
+        # pair is dropped without tokenising it, as one huge trace would be tokenised whole for nothing. Only then is
+        # the prompt/response split checked, so a pair both too long and split badly counts as too long
+        fitting = []
+        for r in pending:
+            if len(r["problem"]) > args.max_prompt_tokens * chars:
+                pref_dropped["prompt_too_long"] += 1
+            elif max(len(r["chosen"]), len(r["rejected"])) > args.max_response_tokens * chars:
+                pref_dropped["response_too_long"] += 1
+            else:
+                fitting.append(r)
+        pending[:] = fitting
         problems = [r["problem"] for r in pending]
         chosen = encode_chats(tokenizer, problems, [r["chosen"] for r in pending])
         rejected = encode_chats(tokenizer, problems, [r["rejected"] for r in pending])
@@ -381,46 +423,66 @@ def prepare(args):
                 n_pref += 1
         pending.clear()
 
-    with sft_tmp.open("w") as f_sft, pref_tmp.open("w") as f_pref:
-        for n, i in enumerate(order, 1):
-            row = corpus[int(i)]
-            reason = check_row(row, label, validity_filter)
-            if reason is None:
-                good, bad = first_correct_and_incorrect(row, label)
-                reason = "no_correct" if good is None else None
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-            else:
-                generations = [g or "" for g in row["generations"]]  # a null generation is an empty one
-                meta = {"id": int(i), "source": row["source"], "answer": str(row.get("answer") or "")}
-                f_sft.write(json.dumps({"problem": row["problem"], "response": generations[good], **meta}) + "\n")
-                n_sft += 1
-                if bad is None:
-                    pref_dropped["no_incorrect"] += 1
-                else:
-                    pending.append({"problem": row["problem"], "chosen": generations[good],
-                                    "rejected": generations[bad], **meta})
-                    if len(pending) == 1024:
-                        flush_pairs(f_pref)
-            if n % 20000 == 0 or n == len(corpus):
-                print(f"[prepare] {n:,}/{len(corpus):,} rows, {n / (time.time() - t0):,.0f} rows/s, "
-                      f"kept {n_sft:,} SFT / {n_pref + len(pending):,} pair candidates", flush=True)
-        flush_pairs(f_pref)
-    sft_tmp.replace(out / "sft.jsonl")
-    pref_tmp.replace(out / "pref.jsonl")
+    def where(i):  # a row of --input, as its user finds it
+        return f"{args.input}, line {corpus.line_numbers[i]}" if isinstance(corpus, JsonlRows) else \
+            f"{args.input}, row {i + 1}"
 
+    # Written under .tmp names, renamed only when prepare succeeds: a failed or interrupted run leaves no output, so
+    # a rerun (run.sh's "already prepared" test) never takes it for a finished one
+    try:
+        with sft_tmp.open("w") as f_sft, pref_tmp.open("w") as f_pref:
+            for n, i in enumerate(order, 1):
+                row, wrong = corpus.read(int(i)) if isinstance(corpus, JsonlRows) else (corpus[int(i)], None)
+                skip = ("bad_json", wrong) if wrong else check_row(row, label, validity_filter)
+                if skip is None:
+                    good, bad = first_correct_and_incorrect(row, label)
+                    skip = ("no_correct", None) if good is None else None
+                if skip:
+                    reason, what = skip
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                    if what and (first_malformed is None or i < first_malformed[0]):
+                        first_malformed = (int(i), what)
+                else:
+                    generations = [g or "" for g in row["generations"]]  # a null generation is an empty one
+                    meta = {"id": int(i), "source": row["source"], "answer": str(row.get("answer") or "")}
+                    f_sft.write(json.dumps({"problem": row["problem"], "response": generations[good], **meta}) + "\n")
+                    n_sft += 1
+                    if bad is None:
+                        pref_dropped["no_incorrect"] += 1
+                    else:
+                        pending.append({"problem": row["problem"], "chosen": generations[good],
+                                        "rejected": generations[bad], **meta})
+                        if len(pending) == 1024:
+                            flush_pairs(f_pref)
+                if n % 20000 == 0 or n == len(corpus):
+                    print(f"[prepare] {n:,}/{len(corpus):,} rows, {n / (time.time() - t0):,.0f} rows/s, "
+                          f"kept {n_sft:,} SFT / {n_pref + len(pending):,} pair candidates", flush=True)
+            flush_pairs(f_pref)
+
+        print(f"rows read            {len(corpus):>10,}")
+        for reason, count in sorted(dropped.items()):
+            print(f"  dropped {reason:<20} {count:>10,}")
+        print(f"D_SFT kept           {n_sft:>10,}" + (f"  -> {out / 'sft.jsonl'}" if n_sft else ""))
+        for reason, count in pref_dropped.items():
+            print(f"  not a pair: {reason:<17} {count:>10,}")
+        print(f"D_Pref kept          {n_pref:>10,}" + (f"  -> {out / 'pref.jsonl'}" if n_sft else "") +
+              f"  (lengths counted as {args.length_count!r})")
+        malformed = sum(dropped.get(reason, 0) for reason in MALFORMED)
+        first = f"{where(first_malformed[0])} {first_malformed[1]}" if first_malformed else None
+        if malformed:
+            print(f"note: {malformed:,} rows skipped as malformed; the first: {first}")
+        if n_sft == 0 and malformed == len(corpus):
+            die(f"every row of --input {args.input!r} is malformed, so nothing was kept; the first: {first}")
+        if n_sft == 0:
+            die("no problem had a correct generation: nothing kept (see the reasons above)")
+        sft_tmp.replace(out / "sft.jsonl")
+        pref_tmp.replace(out / "pref.jsonl")
+    finally:
+        sft_tmp.unlink(missing_ok=True)
+        pref_tmp.unlink(missing_ok=True)
     stats = {"input": args.input, "rows_read": len(corpus), "rows_dropped": dropped, "sft_kept": n_sft,
              "pref_dropped": pref_dropped, "pref_kept": n_pref, "settings": vars(args)}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"rows read            {len(corpus):>10,}")
-    for reason, count in sorted(dropped.items()):
-        print(f"  dropped {reason:<20} {count:>10,}")
-    print(f"D_SFT kept           {n_sft:>10,}  -> {out / 'sft.jsonl'}")
-    for reason, count in pref_dropped.items():
-        print(f"  not a pair: {reason:<17} {count:>10,}")
-    print(f"D_Pref kept          {n_pref:>10,}  -> {out / 'pref.jsonl'}  (lengths counted as {args.length_count!r})")
-    if n_sft == 0:
-        die("no problem had a correct generation: nothing kept (see the reasons above)")
     if n_pref == 0:
         print("warning: no preference triplets kept")
 
@@ -445,9 +507,11 @@ def main():
     p.add_argument("--no-validity-filter", action="store_true",
                    help="keep rows whose problem_is_valid is not 'yes' (the paper mentions no such filter; "
                         "the authors' code applies it)")
-    p.add_argument("--seed", type=int, default=42, help="shuffle seed, as the authors' code (-1: keep file order)")
-    p.add_argument("--max-prompt-tokens", type=int, default=800, help="D_Pref: drop longer prompts (PAPER.md §1)")
-    p.add_argument("--max-response-tokens", type=int, default=19000,
+    p.add_argument("--seed", type=checked(int, lambda v: v >= -1, "an integer >= -1"), default=42,
+                   help="shuffle seed, as the authors' code (-1: keep file order)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=800,
+                   help="D_Pref: drop longer prompts (PAPER.md §1)")
+    p.add_argument("--max-response-tokens", type=positive_int, default=19000,
                    help="D_Pref: drop pairs with a longer chosen or rejected response (PAPER.md §1)")
     p.add_argument("--length-count", choices=["authors", "trained"], default="authors",
                    help="how the two limits count tokens: 'authors' (default) as the authors' script, the count behind "

@@ -2,7 +2,9 @@
 # The recipe as plain commands. Paths, model and GPU count are environment variables.
 #
 #   bash run.sh demo    offline, on a CPU: a toy corpus and a tiny student made by demo.py
-#                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SFT_SEEDS, SEEDS)
+#                       (sizes by environment variables: PROBLEMS, TEST, SFT_EPOCHS, SAMPLES, SFT_SEEDS, SEEDS;
+#                       more stage-2 runs: EXTRA_STAGE2="NAME FLAGS; NAME FLAGS", e.g. "g_suffix --loss redi_suffix
+#                       --lr 6e-5")
 #   bash run.sh paper   the paper's recipe (PAPER.md §1-2) on one 8-GPU node (default)
 set -euo pipefail
 MODE=${1:-paper}
@@ -74,6 +76,18 @@ if [ "$MODE" = demo ]; then
             stage2 d_redi_high --loss redi --alpha 0.8 --lr $HIGH_LR     # REDI, the same high LR
             stage2 e_dpo       --loss dpo --beta 0.1 --lr 1.2e-5         # DPO
             stage2 f_simpo     --loss simpo --beta 2 --gamma 1 --lr 3e-5 # SimPO
+            # More stage-2 runs without editing this file: EXTRA_STAGE2 holds runs separated by ";", each a name
+            # (its folder) then redi.py flags, e.g. EXTRA_STAGE2="g_suffix --loss redi_suffix --lr 6e-5" (REDI's LR)
+            IFS=';' read -ra EXTRA <<< "${EXTRA_STAGE2:-}"
+            for RUN in "${EXTRA[@]}"; do
+                read -ra WORDS <<< "$RUN"
+                [ ${#WORDS[@]} -gt 0 ] || continue
+                if [[ ${WORDS[0]} == -* ]]; then
+                    echo "EXTRA_STAGE2: each run starts with its name, then redi.py flags; got '$RUN'" >&2
+                    exit 2
+                fi
+                stage2 "${WORDS[@]}"
+            done
         done
     done
 

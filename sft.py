@@ -13,14 +13,14 @@ import argparse
 import torch
 
 from common import (StepTimer, accumulate, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
-                    clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, peak_memory_gb, print0,
-                    start_run, to_host)
+                    clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, open_run_folder,
+                    peak_memory_gb, positive_int, print0, start_run, to_host)
 from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base model: Hub id or folder (PAPER.md §2)")
 parser.add_argument("--data", required=True, help="sft.jsonl from `data.py prepare` (fields problem, response)")
-parser.add_argument("--max-length", type=int, default=32768,
+parser.add_argument("--max-length", type=positive_int, default=32768,
                     help="longer sequences are cut to this many tokens (PAPER.md §2)")
 parser.add_argument("--train-eos", action="store_true",
                     help="also train the EOS appended after each conversation. Off by default, as in the authors' "
@@ -79,6 +79,7 @@ def main():
     args = parser.parse_args()
     rank, world, device = init_dist()
     accumulation = accumulation_steps(args, world)
+    open_run_folder(args, parser)
     tokenizer = load_tokenizer(args.model)
     check_chat_template(tokenizer, append_eos=args.append_eos)
     examples = load_sft_examples(args.data, tokenizer, args.max_length, args.append_eos, args.train_eos)
@@ -88,7 +89,7 @@ def main():
         die(f"--data has {len(examples)} usable examples, fewer than one global batch of {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
     model, optimizer, n_params = build_model(args, device)
-    start_step, metrics = start_run(args, model, optimizer)
+    start_step, metrics = start_run(args, model, optimizer, total_steps)
     print0(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {world} rank(s) on {device.type}; "
            f"{len(examples):,} examples, {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
            f"batch {args.batch_size} = {args.micro_batch_size} x {accumulation} accumulation x {world} ranks")
@@ -101,7 +102,7 @@ def main():
                    for mb in micro_batches(batch_for_step(step, len(examples), args.batch_size, args.seed),
                                            lengths, args.micro_batch_size, rank, world)]
         stats = to_host(train_step(model, optimizer, batches, lr, args, device), device)  # the step's one wait
-        check_finite(stats["loss"], step + 1, args.out)
+        check_finite(stats, step + 1, args.out)  # before anything of this step is logged or saved
 
         dt = timer.lap()
         record = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr, **stats,
