@@ -15,7 +15,8 @@ import torch
 from common import (StepTimer, accumulate, accumulation_steps, add_training_args, build_model, check_finite, cleanup,
                     clip_and_step, die, end_step, global_sum, init_dist, load_tokenizer, lr_at, open_run_folder,
                     peak_memory_gb, positive_int, print0, start_run, to_host)
-from data import batch_for_step, check_chat_template, encode_chats, micro_batches, pack, read_jsonl
+from data import (batch_for_step, check_chat_template, cut_texts, encode_chats, max_token_chars, micro_batches, pack,
+                  read_jsonl)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B", help="base model: Hub id or folder (PAPER.md §2)")
@@ -36,10 +37,12 @@ def load_sft_examples(path, tokenizer, max_length, append_eos=True, train_eos=Fa
     training it (PAPER.md §2). Rows whose prompt/response split is broken are skipped."""
     rows = read_jsonl(path, ["problem", "response"])
     examples, broken, cut = [], 0, 0
+    chars = max_token_chars(tokenizer)  # texts far over max_length are cut before tokenising (data.cut_texts)
     for i in range(0, len(rows), 1024):
         block = rows[i:i + 1024]
-        for enc in encode_chats(tokenizer, [r["problem"] for r in block], [r["response"] for r in block],
-                                append_eos=append_eos):
+        problems = cut_texts([r["problem"] for r in block], max_length, chars)  # the first tokens are kept: exact
+        responses = cut_texts([r["response"] for r in block], max_length, chars)
+        for enc in encode_chats(tokenizer, problems, responses, append_eos=append_eos):
             if enc is None:
                 broken += 1
                 continue

@@ -333,6 +333,20 @@ def test_a_huge_response_is_cut_before_tokenising(qwen_tokenizer, tmp_path):
     assert sum(len(tok.decode([t])) for t in y_w) > (1000 - 40) * 128  # the kept tokens reach close to the cut
 
 
+def test_sft_cuts_a_huge_response_before_tokenising(qwen_tokenizer, tmp_path):
+    """sft.py keeps each sequence's first --max-length tokens: the same 2 MB response is cut to (1000 + 64) x 128
+    characters before tokenising, and the kept ids are the first 1,000 of the whole conversation's."""
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer)
+    response = "<think>\nAdd the units first: 7 + 5 = 12, carry 1." + " " * 2_000_000 + "\n</think>\n\\boxed{42}"
+    rows = [{"problem": "What is 17 + 25?", "response": response}]
+    counting = Counting(tok)
+    [(ids, n_prompt, n_trained)] = sft.load_sft_examples(write_jsonl(tmp_path / "sft.jsonl", rows), counting, 1000)
+    assert counting.longest < 200_000
+    [(whole, whole_prompt)] = data.encode_chats(tok, [rows[0]["problem"]], [response])
+    assert len(whole) > 15_000 and (ids, n_prompt) == (whole[:1000], whole_prompt)
+    assert n_trained == 1000 - n_prompt  # cut before its EOS: every kept response token is trained
+
+
 def test_prepare_drops_a_huge_pair_without_tokenising_it(tiny_model, tmp_path, monkeypatch):
     huge = "<think>\n" + "y" * 2_000_000 + "\n</think>\n\\boxed{2}"
     src = write_jsonl(tmp_path / "raw.jsonl", [raw(0, [RIGHT, WRONG], [True, False], [True, True]),

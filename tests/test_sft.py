@@ -262,7 +262,7 @@ def test_sft_keeps_the_eos_as_input_but_does_not_train_it(qwen_tokenizer, tmp_pa
     packed, packed_all = data.pack(default), data.pack(trained)
     assert packed.input_ids.equal(packed_all.input_ids)  # the same rows in, one target fewer per sequence
     assert (packed_all.lengths - packed.lengths).tolist() == [1, 1, 1]
-    assert redi.pack_pairs(pairs).lengths.view(-1, 2)[:, 0].tolist() == [len(w) for _, w, _ in pairs]
+    assert redi.pack_pairs(pairs).packed.lengths.view(-1, 2)[:, 0].tolist() == [len(w) for _, w, _ in pairs]
 
 
 def test_context_window_overrides(tiny_model):
