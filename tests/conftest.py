@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 from data import CHATML_TEMPLATE  # noqa: E402
 from demo import demo_model, demo_tokenizer  # noqa: E402
 
@@ -28,6 +29,39 @@ def run_script(*args, nproc=1, check=True, timeout=600):
         raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def error(capsys, fn, *args):
+    """fn(*args) must stop with exit 2; returns the one line it printed last, without 'error: '."""
+    with pytest.raises(SystemExit) as stop:
+        fn(*args)
+    assert stop.value.code == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    return last[len("error: "):]
+
+
+def main(module, *argv):
+    """A script's main() as `python module.py argv...` runs it, in this process (its process group torn down)."""
+    def call():
+        old, sys.argv = sys.argv, [f"{module.__name__}.py", *map(str, argv)]
+        try:
+            module.main()
+        finally:
+            sys.argv = old
+            common.cleanup()
+    return call
+
+
+@pytest.fixture(scope="module")
+def device():
+    """One rank in this process (a gloo group of 1), as `python sft.py` runs on a CPU; torn down with the module."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the tolerances are fp32's; on a GPU the scripts compute in bf16")
+    _, _, device = common.init_dist()
+    yield device
+    common.cleanup()
 
 
 def read_jsonl(path):

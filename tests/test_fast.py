@@ -36,16 +36,6 @@ UPDATE_RTOL = 2e-6
 
 
 @pytest.fixture(scope="module")
-def device():
-    """One rank in this process (a gloo group of 1), as `python sft.py` runs on a CPU; torn down with the module."""
-    if torch.cuda.is_available():
-        pytest.skip("the tolerances are fp32's; on a GPU the scripts compute in bf16")
-    _, _, device = common.init_dist()
-    yield device
-    common.cleanup()
-
-
-@pytest.fixture(scope="module")
 def examples(tiny_model, tmp_path_factory):
     """(SFT examples, pairs), tokenised as sft.py and redi.py tokenise them."""
     tok = AutoTokenizer.from_pretrained(tiny_model)

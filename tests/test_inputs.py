@@ -4,11 +4,10 @@ folder where a file belongs and the reverse, nothing in it) stops with one sente
 family checks that a user sees no traceback. Rows that the paper's rules skip are still skipped and counted."""
 import json
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_script, write_jsonl
+from conftest import error, main, run_script, write_jsonl
 
 import data
 import demo
@@ -17,27 +16,6 @@ import report as rp
 
 GOOD_SFT = b'{"problem": "p", "response": "r"}\n'
 NOT_UTF8 = b'{"problem": "\xff\xfe"}\n'  # bytes no UTF-8 text has
-
-
-def error(capsys, fn, *args):
-    """Call fn(*args), which must stop with exit 2; returns the one line it printed, without 'error: '."""
-    with pytest.raises(SystemExit) as stop:
-        fn(*args)
-    assert stop.value.code == 2
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    return last[len("error: "):]
-
-
-def main(module, *argv):
-    """A script's main() as `python module.py argv...` runs it."""
-    def call():
-        old, sys.argv = sys.argv, [f"{module.__name__}.py", *map(str, argv)]
-        try:
-            module.main()
-        finally:
-            sys.argv = old
-    return call
 
 
 # -----------------------------------------------------------------------------

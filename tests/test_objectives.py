@@ -124,16 +124,6 @@ def test_suffix_objective_equals_naive_full_logits_in_fp64():
 # train_step in process: one rank, the model built by the script's build_model
 
 
-@pytest.fixture(scope="module")
-def device():
-    """One rank in this process (a gloo group of 1), as `python redi.py` runs on a CPU."""
-    if torch.cuda.is_available():
-        pytest.skip("the tolerances are fp32's; on a GPU the scripts compute in bf16")
-    _, _, device = common.init_dist()
-    yield device
-    common.cleanup()
-
-
 def parse(*flags, model="m"):
     return redi.parser.parse_args(["--model", str(model), "--data", "-", "--out", "-", *flags])
 

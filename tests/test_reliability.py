@@ -13,7 +13,7 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import ROOT, read_jsonl, write_jsonl
+from conftest import ROOT, error, main, read_jsonl, write_jsonl
 from safetensors.torch import load_file
 from test_data import RIGHT, WRONG, raw
 from test_redi import pref_rows
@@ -31,28 +31,6 @@ import sft
 @pytest.fixture
 def sft_data(tmp_path):
     return write_jsonl(tmp_path / "sft.jsonl", sft_rows(40))
-
-
-def error(capsys, fn, *args):
-    """fn(*args) must stop with exit 2; returns its last line of output, without 'error: '."""
-    with pytest.raises(SystemExit) as stop:
-        fn(*args)
-    assert stop.value.code == 2
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    return last[len("error: "):]
-
-
-def main(module, *argv):
-    """A script's main() as `python module.py argv...` runs it, in this process."""
-    def call():
-        old, sys.argv = sys.argv, [f"{module.__name__}.py", *map(str, argv)]
-        try:
-            module.main()
-        finally:
-            sys.argv = old
-            common.cleanup()
-    return call
 
 
 def checkpoints(out):
