@@ -273,14 +273,10 @@ def sample_seed(seed, benchmark, problem_id, sample):
 def load_generation_model(args, device):
     """The model in eval mode: bf16 on GPUs, fp32 on CPUs. Its own generation_config (some ship top_k,
     repetition_penalty, ...) is replaced by an empty one so that only PAPER.md §4's sampling applies."""
-    from safetensors import SafetensorError
     from transformers import GenerationConfig
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        model = load_model(args.model, attn_implementation=args.attn_implementation,
-                           trust_remote_code=args.trust_remote_code, dtype=dtype)
-    except SafetensorError as e:  # common.load_model stops on OSError and ValueError only
-        die(f"--model {args.model!r}: could not read its weights ({e}); a .safetensors file is cut short or damaged")
+    model = load_model(args.model, attn_implementation=args.attn_implementation,  # a damaged file: one sentence
+                       trust_remote_code=args.trust_remote_code, dtype=dtype)
     model.generation_config = GenerationConfig()
     return model.to(device).eval()
 
@@ -417,11 +413,15 @@ class Grader:
         proc = self.ctx.Process(target=_grade_worker, args=(child,), daemon=True)
         # Ctrl-C signals every process of the terminal's group. A worker is born ignoring SIGINT (an ignored signal
         # stays ignored across exec, so also while it imports): only the parent stops, and it closes the workers.
+        # The parent blocks SIGINT meanwhile: one that comes then waits (Linux keeps a blocked signal pending even
+        # while it is ignored) and is raised once the handler is back, instead of being lost with the run going on
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             proc.start()
         finally:
             signal.signal(signal.SIGINT, sigint)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.close()
         return {"proc": proc, "conn": conn, "ready": False, "todo": [], "deadline": None}
 

@@ -484,7 +484,7 @@ def test_a_damaged_weights_file_stops_with_one_sentence(capsys, tiny_model, tmp_
         ev.load_for_generation(SimpleNamespace(model=str(model), attn_implementation="sdpa", trust_remote_code=False),
                                torch.device("cpu"))
     assert stop.value.code == 2
-    assert f"error: --model '{model}': could not read its weights" in capsys.readouterr().out
+    assert f"error: --model '{model}': could not load the weights (SafetensorError" in capsys.readouterr().out
 
 
 def test_a_rerun_on_other_weights_behind_the_same_path_stops(tiny_model, toy, tmp_path):
