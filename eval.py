@@ -725,7 +725,9 @@ def run(args):
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     out = Path(args.out)
     # Everything a user can get wrong is checked before the model loads and before --out gets a file
-    args.weights = weights_fingerprint(args.model)
+    fingerprint = [weights_fingerprint(args.model) if rank == 0 else None]  # one rank reads the weights for it
+    dist.broadcast_object_list(fingerprint, src=0, group=group)
+    args.weights = fingerprint[0]
     check_out_folder(args)
     problems = load_problems(args)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
